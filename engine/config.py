@@ -1,0 +1,112 @@
+"""Engine and sampling configuration: plain dataclasses, validated on construction.
+
+Every invalid value raises `ValueError` with a message that names the field and the bound, so a
+bad request fails alone and says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples. Defaults are greedy decoding of at most 64 tokens."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k cut
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF semantics, over prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI semantics, over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # top-n logprobs per generated token (0: only the chosen one)
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1),
+               f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+        _check(self.repetition_penalty > 0.0,
+               f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check(-2.0 <= self.presence_penalty <= 2.0,
+               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        _check(-2.0 <= self.frequency_penalty <= 2.0,
+               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        _check(self.min_tokens >= 0 and self.min_tokens <= self.max_tokens,
+               f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        _check(self.logprobs is None or 0 <= self.logprobs <= 20,
+               f"logprobs must be None or in [0, 20], got {self.logprobs}")
+        _check(all(isinstance(s, str) and s for s in self.stop),
+               "stop must be a list of non-empty strings")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids must be non-negative integers")
+        if self.top_k == -1:
+            self.top_k = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class EngineConfig:
+    """How the engine is built. `num_kv_blocks` wins over `kv_cache_memory_bytes` and
+    `gpu_memory_utilization` when set."""
+
+    model: str = "tiny"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    block_size: int = 16
+    max_num_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None  # CPU default: 512 MiB
+    gpu_memory_utilization: float = 0.85
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    load_format: str = "auto"  # auto | dummy
+    seed: int = 0  # seed of the engine's generator for unseeded requests and dummy weights
+    speculative: dict[str, Any] | None = None
+    attention_backend: str = "auto"  # auto | torch | triton
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.block_size, int) and self.block_size >= 1,
+               f"block_size must be an integer >= 1, got {self.block_size!r}")
+        _check(self.max_num_tokens >= 1, f"max_num_tokens must be >= 1, got {self.max_num_tokens}")
+        _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1,
+               f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0,
+               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
+               f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        _check(self.load_format in ("auto", "dummy"),
+               f"load_format must be auto or dummy, got {self.load_format!r}")
+        _check(self.attention_backend in ("auto", "torch", "triton"),
+               f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        _check(self.max_model_len is None or self.max_model_len >= 1,
+               f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
