@@ -1,0 +1,41 @@
+"""What the attention backend needs to know about one flat step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [num_blocks, block_size, kv_heads, hd]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, heads, head_dim]
+        """Write k/v into the cache at meta.slot_mapping, then attend each sequence's queries to
+        its whole context (cached prefix plus the new tokens), causally."""
+        ...
+
+
+@dataclass
+class AttentionMetadata:
+    """Sequences are ordered decodes first: the first `num_decodes` have exactly one query token."""
+
+    backend: AttentionBackend
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset of each new token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
+    seq_lens: torch.Tensor  # [num_seqs] int64: context length once this step's tokens are in
+    query_start_loc: list[int]  # num_seqs + 1 offsets into the flat tokens (host side)
+    seq_lens_host: list[int]
+    num_decodes: int
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)

@@ -1,0 +1,284 @@
+"""The engine core: requests in, one step at a time, outputs out. Not thread-safe: `AsyncLLM`
+drives it from one background thread, `LLM` from the caller's.
+
+    step(): batch = scheduler.schedule(); logits = runner.run(batch); tokens = sampler(logits)
+            scheduler.update(batch); append tokens, detokenize, check stops, free the finished
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+
+import torch
+
+from engine.attention.torch_ref import TorchAttention
+from engine.config import EngineConfig, SamplingParams
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv.cache import KVCache, KVLayout
+from engine.kv.manager import KVCacheManager
+from engine.model.builder import LoadedModel, load_model
+from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from engine.request import Request, RequestStatus
+from engine.runner import ModelRunner
+from engine.sampler import Sampler, SamplingRow, make_generator
+from engine.scheduler import Scheduler
+from engine.state import EngineState, StepStats, build_state
+
+CPU_KV_CACHE_BYTES = 128 * 2**20
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        loaded: LoadedModel = load_model(config)
+        self.model = loaded.model
+        self.model_name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.eos_token_ids = loaded.eos_token_ids
+        self.vocab_size = loaded.hf_config.vocab_size
+
+        layout = KVLayout(
+            num_layers=loaded.hf_config.num_hidden_layers,
+            num_kv_heads=self.model.num_kv_heads,
+            head_dim=self.model.head_dim,
+            block_size=config.block_size,
+            dtype=self.dtype,
+        )
+        model_max_len = loaded.max_model_len
+        num_blocks = self._num_kv_blocks(layout, config.max_model_len or model_max_len)
+        self.kv_cache = KVCache(layout, num_blocks, self.device)
+        # One request at max_model_len must fit the whole pool, or it could never finish.
+        self.max_model_len = min(config.max_model_len or model_max_len, num_blocks * layout.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_tokens, config.max_num_seqs, config.enable_chunked_prefill
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, self.kv, TorchAttention(), self.device)
+        self.sampler = Sampler(self.device, seed=config.seed)
+
+        self.requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer | None] = {}
+        self._sent: dict[str, tuple[int, int]] = {}  # tokens and logprobs already reported
+        self._pending_text: dict[str, str] = {}  # detokenized text not yet reported
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._finished_unreported: list[Request] = []
+        self.step_index = 0
+        self.recent_steps: deque[StepStats] = deque(maxlen=256)
+        self.total_prompt_tokens = 0
+        self.total_generated_tokens = 0
+
+    def _num_kv_blocks(self, layout: KVLayout, max_model_len: int) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if cfg.kv_cache_memory_bytes is not None:
+            budget = cfg.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.gpu_memory_utilization)
+        else:
+            budget = CPU_KV_CACHE_BYTES
+        # No use holding more pages than max_num_seqs full-length requests could fill.
+        enough = cfg.max_num_seqs * -(-max_model_len // layout.block_size)
+        num_blocks = min(layout.blocks_for_bytes(budget), enough)
+        if num_blocks < 1:
+            raise ValueError(
+                f"no room for the KV cache: {budget} bytes give no block of "
+                f"{layout.bytes_per_block} bytes; lower the model size or raise the memory budget"
+            )
+        return num_blocks
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError("a prompt is a string or a list of token ids")
+        return None, list(prompt)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> Request:
+        """Validate and queue one request. Raises ValueError, changing nothing, on bad input."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        text, token_ids = self.encode_prompt(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, more than max_model_len "
+                f"{self.max_model_len}"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        generator = make_generator(params.seed, self.device) if params.seed is not None else None
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            params=params,
+            prompt=text,
+            priority=priority,
+            arrival_index=next(self._arrivals),
+            generator=generator,
+            eos_token_ids=self.eos_token_ids,
+        )
+        self.requests[request_id] = request
+        self._detok[request_id] = (
+            IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer else None
+        )
+        self._sent[request_id] = (0, 0)
+        self._pending_text[request_id] = ""
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its pages; False when it is unknown or already done."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return False
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._finished_unreported)
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._output(r) for r in self._finished_unreported]
+        self._finished_unreported = []
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return outputs
+        start = time.perf_counter()
+        now = time.monotonic()
+        for request, _ in batch.scheduled:
+            if request.scheduled_time is None:
+                request.scheduled_time = now
+        logits, sampling = self.runner.run(batch)
+        rows = [self._sampling_row(r) for r in sampling]
+        sampled = self.sampler(logits, rows)
+        self.scheduler.update(batch)
+        now = time.monotonic()
+        for request, token in zip(sampling, sampled, strict=True):
+            request.append_tokens([token.token_id], now)
+            if token.logprob is not None:
+                request.output_logprobs.append(
+                    TokenLogprob(token.token_id, token.logprob, token.top_logprobs)
+                )
+            self._check_stop(request, token.token_id)
+        self.step_index += 1
+        self.total_prompt_tokens += batch.num_prefill_tokens
+        self.total_generated_tokens += len(sampling)
+        self.recent_steps.append(
+            StepStats(
+                index=self.step_index,
+                end_time=now,
+                duration_s=time.perf_counter() - start,
+                prefill_tokens=batch.num_prefill_tokens,
+                decode_tokens=batch.num_decode_tokens,
+                batch_size=len(batch.scheduled),
+                num_sampled=len(sampling),
+                num_preempted=len(batch.preempted),
+            )
+        )
+        touched = {r.request_id: r for r, _ in batch.scheduled}
+        touched.update((r.request_id, r) for r in sampling)
+        outputs.extend(self._output(r) for r in touched.values() if r.request_id in self.requests)
+        return outputs
+
+    def _sampling_row(self, request: Request) -> SamplingRow:
+        return SamplingRow(
+            params=request.params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+            generator=request.generator,
+            eos_token_ids=request.eos_token_ids,
+        )
+
+    def _check_stop(self, request: Request, token_id: int) -> None:
+        params = request.params
+        detok = self._detok[request.request_id]
+        n = request.num_output_tokens
+        if n >= params.min_tokens and token_id in params.stop_token_ids:
+            request.stop_reason = token_id
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+            return
+        if n >= params.min_tokens and not params.ignore_eos and token_id in request.eos_token_ids:
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+            return
+        if detok is not None:
+            update = detok.push([token_id])
+            self._pending_text[request.request_id] += update.delta
+            if update.stop_string is not None:
+                request.stop_reason = update.stop_string
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+                return
+        if n >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            self._finish(request, RequestStatus.FINISHED_LENGTH)
+
+    def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
+        self.scheduler.finish(request, status)
+        request.finish_time = time.monotonic()
+        request.error = error
+        if status is RequestStatus.FINISHED_ABORTED:
+            self._finished_unreported.append(request)
+
+    def _output(self, request: Request) -> RequestOutput:
+        """The request's new tokens and text since the last output; forgets finished requests."""
+        rid = request.request_id
+        sent_tokens, sent_logprobs = self._sent[rid]
+        detok = self._detok[rid]
+        delta_text = self._pending_text[rid]
+        self._pending_text[rid] = ""
+        finished = request.is_finished
+        if finished and detok is not None:
+            delta_text += detok.flush()
+        self._sent[rid] = (request.num_output_tokens, len(request.output_logprobs))
+        out = RequestOutput(
+            request_id=rid,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.output_token_ids),
+            text=detok.output_text if detok is not None else "",
+            delta_token_ids=request.output_token_ids[sent_tokens:],
+            delta_text=delta_text,
+            logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
+            finished=finished,
+            finish_reason=request.status.value if finished else None,
+            stop_reason=request.stop_reason,
+            error=request.error,
+            metrics=RequestMetrics(
+                arrival_time=request.arrival_time,
+                first_scheduled_time=request.scheduled_time,
+                first_token_time=request.first_token_time,
+                last_token_time=request.last_token_time,
+                finish_time=request.finish_time,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+                num_preemptions=request.num_preemptions,
+            ),
+        )
+        if finished:
+            del self.requests[rid], self._detok[rid], self._sent[rid], self._pending_text[rid]
+        return out
+
+    def state(self) -> EngineState:
+        return build_state(self)

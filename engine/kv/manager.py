@@ -1,0 +1,131 @@
+"""Per-request page tables on top of the block pool: prefix-cache lookup, slot allocation,
+registration of full blocks, and freeing.
+
+A request's blocks cover its computed tokens plus the tokens scheduled this step. Only full blocks
+whose every token is computed are registered in the prefix cache, so a cache hit never returns a
+page with missing K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.kv.block_pool import BlockPool, KVBlock, hash_block_tokens
+from engine.request import Request
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    blocks: list[KVBlock]
+    num_tokens: int
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.req_hashes: dict[str, list[int]] = {}  # chained hashes of the request's full blocks
+        self.req_num_registered: dict[str, int] = {}
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # of which found cached
+
+    # --- lookup -------------------------------------------------------------------------------
+
+    def _hashes(self, request: Request, num_full_blocks: int) -> list[int]:
+        hashes = self.req_hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        while len(hashes) < num_full_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block_tokens(parent, request.all_token_ids[i * bs : (i + 1) * bs]))
+        return hashes
+
+    def find_cached_prefix(self, request: Request) -> CachedPrefix:
+        """Longest run of cached full blocks at the start of the request's tokens. At least one
+        token is always left to compute, since its logits are needed."""
+        if not self.enable_prefix_caching:
+            return CachedPrefix([], 0)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        blocks: list[KVBlock] = []
+        for block_hash in self._hashes(request, max_blocks):
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return CachedPrefix(blocks, len(blocks) * self.block_size)
+
+    def record_prefix_query(self, num_tokens: int, num_hit: int) -> None:
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit
+
+    # --- allocation ---------------------------------------------------------------------------
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        cached: CachedPrefix | None = None,
+        num_lookahead_tokens: int = 0,
+    ) -> bool:
+        """Make room for `num_new_tokens` (+ lookahead) beyond the computed ones. On False
+        nothing changed. `cached` is the prefix found for a request being admitted."""
+        blocks = self.req_blocks.setdefault(request.request_id, [])
+        cached_blocks = cached.blocks if cached else []
+        num_computed = request.num_computed_tokens + (cached.num_tokens if cached else 0)
+        total = num_computed + num_new_tokens + num_lookahead_tokens
+        num_needed = -(-total // self.block_size) - len(blocks) - len(cached_blocks)
+        # Cached blocks sitting free in the queue are about to be taken, so they can't also be
+        # counted as room for new ones.
+        num_reclaimable = sum(1 for b in cached_blocks if b.ref_cnt == 0)
+        if num_needed > self.pool.num_free_blocks - num_reclaimable:
+            if not blocks:
+                del self.req_blocks[request.request_id]
+            return False
+        self.pool.touch(cached_blocks)
+        blocks.extend(cached_blocks)
+        if num_needed > 0:
+            blocks.extend(self.pool.allocate(num_needed))
+        if cached_blocks:  # admission: the request held no blocks before
+            self.req_num_registered[request.request_id] = len(cached_blocks)
+        return True
+
+    def register_full_blocks(self, request: Request) -> None:
+        """Register the request's blocks that are now full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        rid = request.request_id
+        num_full = min(request.num_computed_tokens // self.block_size, len(self.req_blocks[rid]))
+        start = self.req_num_registered.get(rid, 0)
+        if num_full <= start:
+            return
+        hashes = self._hashes(request, num_full)
+        blocks = self.req_blocks[rid]
+        for i in range(start, num_full):
+            self.pool.register(blocks[i], hashes[i])
+        self.req_num_registered[rid] = num_full
+
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Give back blocks beyond the first `num_tokens` tokens (rejected speculative slots)."""
+        blocks = self.req_blocks.get(request.request_id, [])
+        keep = -(-num_tokens // self.block_size)
+        if len(blocks) > keep:
+            self.pool.free(reversed(blocks[keep:]))
+            del blocks[keep:]
+
+    def free(self, request: Request) -> None:
+        """Release the request's pages, tail first, so that its last blocks (least likely to be
+        shared) are evicted before its first ones."""
+        rid = request.request_id
+        blocks = self.req_blocks.pop(rid, [])
+        self.pool.free(reversed(blocks))
+        self.req_num_registered.pop(rid, None)
+        self.req_hashes.pop(rid, None)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0

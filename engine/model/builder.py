@@ -1,0 +1,116 @@
+"""Config -> a ready model on its device: architecture, weights (checkpoint or dummy), tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.model import loader
+from engine.model.dummy import init_dummy_weights
+from engine.model.llama import LlamaForCausalLM
+from engine.model.presets import PRESETS, preset_config
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: LlamaForCausalLM
+    hf_config: Any
+    tokenizer: Any | None
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but no CUDA GPU is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = None
+    if config.load_format == "dummy" and config.model in PRESETS:
+        hf_config, model_dir = preset_config(config.model), None
+    else:
+        model_dir = loader.resolve_model_dir(config.model)
+        hf_config = loader.load_config(model_dir)
+    tokenizer_source = config.tokenizer or model_dir
+    if tokenizer_source is not None:
+        tokenizer = loader.load_tokenizer(tokenizer_source)
+
+    # Build straight on the device in the target dtype: no float32 copy of an 8B model on the host.
+    with _default_dtype(dtype), torch.device(device):
+        model = LlamaForCausalLM(hf_config)
+    if config.load_format == "dummy":
+        init_dummy_weights(model, seed=config.seed)
+    else:
+        model.load_weights(loader.iter_safetensors(model_dir))
+    model.eval()
+
+    max_len = int(getattr(hf_config, "max_position_embeddings", 2048))
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        # We attend to the whole context; capping the length keeps that exact for Mistral-style
+        # sliding-window models.
+        max_len = min(max_len, int(window))
+    return LoadedModel(
+        name=config.model,
+        model=model,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        eos_token_ids=_eos_ids(hf_config, tokenizer, model_dir),
+        max_model_len=max_len,
+    )
+
+
+def _eos_ids(hf_config, tokenizer, model_dir) -> tuple[int, ...]:
+    ids: list[int] = []
+
+    def add(value) -> None:
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, (list, tuple)):
+            ids.extend(v for v in value if isinstance(v, int))
+
+    if model_dir is not None:
+        try:
+            from transformers import GenerationConfig
+
+            add(GenerationConfig.from_pretrained(model_dir).eos_token_id)
+        except (OSError, ValueError):
+            pass
+    add(getattr(hf_config, "eos_token_id", None))
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(ids))

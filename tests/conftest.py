@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random checkpoints of each family, the transformers oracle, and engines.
+
+Every engine test runs the real engine on CPU in float32; the oracle is Hugging Face transformers
+greedy decoding on the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_checkpoints import FAMILIES, cached_tiny_checkpoint  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "models" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "tiny-checkpoints"
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family_checkpoint(request, checkpoint_root) -> Path:
+    return cached_tiny_checkpoint(checkpoint_root, request.param)
+
+
+@pytest.fixture(scope="session")
+def llama_checkpoint(checkpoint_root) -> Path:
+    return cached_tiny_checkpoint(checkpoint_root, "llama3")
+
+
+@cache
+def _hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The oracle: transformers greedy decoding, exactly max_new_tokens tokens (EOS ignored)."""
+    model = _hf_model(str(path))
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def random_prompts(lengths: list[int], vocab: int = 256, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def assert_pool_whole(llm) -> None:
+    """No request holds a block and every reference was given back."""
+    pool = llm.engine.kv.pool
+    assert llm.engine.kv.req_blocks == {}
+    assert pool.num_free_blocks == pool.num_blocks
+    assert all(b.ref_cnt == 0 for b in pool.blocks)
