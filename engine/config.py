@@ -36,27 +36,45 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
+        )
         _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1),
-               f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        _check(
+            isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1),
+            f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}",
+        )
         _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.repetition_penalty > 0.0,
-               f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        _check(-2.0 <= self.presence_penalty <= 2.0,
-               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        _check(-2.0 <= self.frequency_penalty <= 2.0,
-               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.min_tokens >= 0 and self.min_tokens <= self.max_tokens,
-               f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        _check(self.logprobs is None or 0 <= self.logprobs <= 20,
-               f"logprobs must be None or in [0, 20], got {self.logprobs}")
-        _check(all(isinstance(s, str) and s for s in self.stop),
-               "stop must be a list of non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids must be non-negative integers")
+        _check(
+            self.repetition_penalty > 0.0,
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+        )
+        _check(
+            -2.0 <= self.presence_penalty <= 2.0,
+            f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+        )
+        _check(
+            -2.0 <= self.frequency_penalty <= 2.0,
+            f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+        )
+        _check(
+            self.min_tokens >= 0 and self.min_tokens <= self.max_tokens,
+            f"min_tokens must be in [0, max_tokens], got {self.min_tokens}",
+        )
+        _check(
+            self.logprobs is None or 0 <= self.logprobs <= 20,
+            f"logprobs must be None or in [0, 20], got {self.logprobs}",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            "stop must be a list of non-empty strings",
+        )
+        _check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids must be non-negative integers",
+        )
         if self.top_k == -1:
             self.top_k = 0
 
@@ -89,22 +107,36 @@ class EngineConfig:
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.block_size, int) and self.block_size >= 1,
-               f"block_size must be an integer >= 1, got {self.block_size!r}")
+        _check(
+            isinstance(self.block_size, int) and self.block_size >= 1,
+            f"block_size must be an integer >= 1, got {self.block_size!r}",
+        )
         _check(self.max_num_tokens >= 1, f"max_num_tokens must be >= 1, got {self.max_num_tokens}")
         _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1,
-               f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        _check(0.0 < self.gpu_memory_utilization <= 1.0,
-               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        _check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
-               f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        _check(self.load_format in ("auto", "dummy"),
-               f"load_format must be auto or dummy, got {self.load_format!r}")
-        _check(self.attention_backend in ("auto", "torch", "triton"),
-               f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
-        _check(self.max_model_len is None or self.max_model_len >= 1,
-               f"max_model_len must be >= 1, got {self.max_model_len}")
+        _check(
+            self.num_kv_blocks is None or self.num_kv_blocks >= 1,
+            f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}",
+        )
+        _check(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+        _check(
+            self.dtype in ("auto", "float32", "float16", "bfloat16"),
+            f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}",
+        )
+        _check(
+            self.load_format in ("auto", "dummy"),
+            f"load_format must be auto or dummy, got {self.load_format!r}",
+        )
+        _check(
+            self.attention_backend in ("auto", "torch", "triton"),
+            f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}",
+        )
+        _check(
+            self.max_model_len is None or self.max_model_len >= 1,
+            f"max_model_len must be >= 1, got {self.max_model_len}",
+        )
 
 
 def _check(ok: bool, message: str) -> None:

@@ -52,7 +52,9 @@ class EngineCore:
         num_blocks = self._num_kv_blocks(layout, config.max_model_len or model_max_len)
         self.kv_cache = KVCache(layout, num_blocks, self.device)
         # One request at max_model_len must fit the whole pool, or it could never finish.
-        self.max_model_len = min(config.max_model_len or model_max_len, num_blocks * layout.block_size)
+        self.max_model_len = min(
+            config.max_model_len or model_max_len, num_blocks * layout.block_size
+        )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv, config.max_num_tokens, config.max_num_seqs, config.enable_chunked_prefill
@@ -120,7 +122,9 @@ class EngineCore:
             raise ValueError("the prompt is empty")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            )
         if len(token_ids) > self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens, more than max_model_len "

@@ -1,4 +1,4 @@
-"""The block pool and the per-request manager, with exact block ids, ref counts and eviction order."""
+"""Block pool and per-request manager: exact block ids, ref counts and eviction order."""
 
 from __future__ import annotations
 

@@ -28,7 +28,9 @@ class AttentionMetadata:
     """Sequences are ordered decodes first: the first `num_decodes` have exactly one query token."""
 
     backend: AttentionBackend
-    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset of each new token
+    slot_mapping: (
+        torch.Tensor
+    )  # [num_tokens] int64: block_id * block_size + offset of each new token
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
     seq_lens: torch.Tensor  # [num_seqs] int64: context length once this step's tokens are in
     query_start_loc: list[int]  # num_seqs + 1 offsets into the flat tokens (host side)

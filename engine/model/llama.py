@@ -143,7 +143,7 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v)
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Returns the final hidden states [num_tokens, hidden]; `logits` picks the rows to score."""
+        """-> final hidden states [num_tokens, hidden]; `logits` scores the rows it is given."""
         hidden = self.model.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             hidden = layer(hidden, self.rotary, positions, kv_cache, meta)
@@ -201,6 +201,8 @@ class LlamaForCausalLM(nn.Module):
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     if dst.shape != src.shape:
-        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, "
-                         f"the model expects {tuple(dst.shape)}")
+        raise ValueError(
+            f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, "
+            f"the model expects {tuple(dst.shape)}"
+        )
     dst.copy_(src)
