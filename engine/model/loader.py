@@ -295,9 +295,10 @@ def iter_safetensors(
             )
 
 
-def load_tokenizer(model_dir: Path, **kwargs: Any) -> PreTrainedTokenizerBase:
-    """AutoTokenizer of `model_dir` (never trusting remote code)."""
-    model_dir = Path(model_dir)
+def load_tokenizer(model: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """AutoTokenizer of a checkpoint directory, or of any name `resolve_model_dir` accepts (a
+    tokenizer override); never trusts remote code."""
+    model_dir = Path(model) if Path(model).is_dir() else resolve_model_dir(model)
     if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
         raise CheckpointError(
             f"no tokenizer in {model_dir} (expected tokenizer.json or tokenizer_config.json)"
