@@ -88,7 +88,7 @@ class Sampler:
         tokens = processed.argmax(dim=-1)  # [num_rows]
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
-            idx = self._index(sampled)
+            idx = self._index(sampled, logits.device)
             sampled_rows = [rows[i] for i in sampled]
             probs = self.probabilities(processed.index_select(0, idx), sampled_rows)
             tokens = tokens.index_copy(0, idx, self.draw(probs, sampled_rows))
@@ -115,7 +115,7 @@ class Sampler:
         and only runs on steps where a ban or mask was applied)."""
         processed, masked = self._process(logits, rows)
         if masked:
-            idx = self._index(sorted(masked))
+            idx = self._index(sorted(masked), logits.device)
             dead = torch.isneginf(processed.index_select(0, idx)).all(dim=-1)  # [len(masked)]
             if bool(dead.any()):
                 dead_rows = [i for i, d in zip(sorted(masked), dead.tolist(), strict=True) if d]
@@ -197,8 +197,9 @@ class Sampler:
 
     # ------------------------------------------------------------------ internals
 
-    def _index(self, indices: list[int], device: torch.device | None = None) -> torch.Tensor:
-        return torch.tensor(indices, dtype=torch.long, device=device or self.device)
+    @staticmethod
+    def _index(indices: list[int], device: torch.device) -> torch.Tensor:
+        return torch.tensor(indices, dtype=torch.long, device=device)
 
     def _process(
         self, logits: torch.Tensor, rows: list[SamplingRow]
