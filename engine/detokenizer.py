@@ -145,8 +145,11 @@ class _TextStream:
             return ""
         text = self._decode(self._ids)
         pending = n - self._read
-        # Past the bound, a byte-fallback run is let out at its character boundaries.
-        in_run_ok = pending > _MAX_PENDING_TOKENS
+        # Past the bound, a byte-fallback run is let out at its character boundaries, and, once
+        # it was (the context then ends inside the run), at each of them until the run ends.
+        in_run_ok = pending > _MAX_PENDING_TOKENS or (
+            self._read > 0 and _is_byte_token(self._backend, self._info, self._ids[self._read - 1])
+        )
         # Newest boundary first, back to the first one this push made: older boundaries failed
         # the same test when they were the newest, and would fail it again.
         for cut in range(n, max(self._read, n - len(token_ids)), -1):
