@@ -1,8 +1,9 @@
 """The engine core: requests in, one step at a time, outputs out. Not thread-safe: `AsyncLLM`
 drives it from one background thread, `LLM` from the caller's.
 
-    step(): batch = scheduler.schedule(); logits = runner.run(batch); tokens = sampler(logits)
-            scheduler.update(batch); append tokens, detokenize, check stops, free the finished
+    step(): [propose drafts]; batch = scheduler.schedule(); logits = runner.run(chunks)
+            tokens = sample or verify(logits); append tokens; scheduler.update(batch)
+            detokenize, check stops, free the finished
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from engine.kv.manager import KVCacheManager
 from engine.model.builder import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.request import Request, RequestStatus
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, SeqChunk
 from engine.sampler import Sampler, SamplingRow, make_generator
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.spec import SpeculativeConfig
+from engine.spec.speculator import Speculator
 from engine.state import EngineState, StepStats, build_state
+from engine.structured import GrammarBackend, RequestGrammar
 
 CPU_KV_CACHE_BYTES = 128 * 2**20
 
@@ -59,8 +63,19 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.kv, config.max_num_tokens, config.max_num_seqs, config.enable_chunked_prefill
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.kv, TorchAttention(), self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, TorchAttention(), self.device)
         self.sampler = Sampler(self.device, seed=config.seed)
+        self.grammars = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self._grammars: dict[str, RequestGrammar] = {}  # matchers of constrained requests
+        self.speculator: Speculator | None = None
+        if config.speculative:
+            self.speculator = Speculator(
+                SpeculativeConfig.from_dict(config.speculative),
+                config,
+                self.vocab_size,
+                num_blocks,
+                self.sampler,
+            )
 
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer | None] = {}
@@ -133,6 +148,7 @@ class EngineCore:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        grammar = self.grammars.matcher(params.structured) if params.structured else None
         generator = make_generator(params.seed, self.device) if params.seed is not None else None
         request = Request(
             request_id=request_id,
@@ -145,6 +161,8 @@ class EngineCore:
             eos_token_ids=self.eos_token_ids,
         )
         self.requests[request_id] = request
+        if grammar is not None:
+            self._grammars[request_id] = grammar
         self._detok[request_id] = (
             IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer else None
         )
@@ -169,45 +187,113 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         outputs = [self._output(r) for r in self._finished_unreported]
         self._finished_unreported = []
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
+        if self.speculator is not None:
+            for request in batch.preempted:
+                self.speculator.free(request)
         if batch.is_empty:
+            if self.speculator is not None:
+                self.speculator.after_step({})
             return outputs
         start = time.perf_counter()
         now = time.monotonic()
         for request, _ in batch.scheduled:
             if request.scheduled_time is None:
                 request.scheduled_time = now
-        logits, sampling = self.runner.run(batch)
-        rows = [self._sampling_row(r) for r in sampling]
-        sampled = self.sampler(logits, rows)
-        self.scheduler.update(batch)
+        chunks = [self._chunk(request, num_new) for request, num_new in batch.scheduled]
+        logits = self.runner.run(chunks, len(batch.decodes))  # [sum num_logits, vocab]
+        new_tokens, rejected = self._sample(batch, chunks, logits)
         now = time.monotonic()
-        for request, token in zip(sampling, sampled, strict=True):
-            request.append_tokens([token.token_id], now)
-            if token.logprob is not None:
-                request.output_logprobs.append(
-                    TokenLogprob(token.token_id, token.logprob, token.top_logprobs)
-                )
-            self._check_stop(request, token.token_id)
+        for request, (tokens, _) in new_tokens.items():
+            request.append_tokens(tokens, now)
+        self.scheduler.update(batch, rejected)
+        if self.speculator is not None:
+            accepted = {r.request_id: len(t) - 1 for r, (t, _) in new_tokens.items()}
+            self.speculator.after_step({rid: accepted[rid] for rid in rejected})
+        for request, (tokens, logprobs) in new_tokens.items():
+            self._accept(request, tokens, logprobs)
+        self._record_step(batch, sum(len(t) for t, _ in new_tokens.values()), start, now)
+        touched = {r.request_id: r for r, _ in batch.scheduled}
+        outputs.extend(self._output(r) for r in touched.values() if r.request_id in self.requests)
+        return outputs
+
+    def _chunk(self, request: Request, num_new: int) -> SeqChunk:
+        start = request.num_computed_tokens
+        end = start + num_new
+        num_spec = len(request.spec_token_ids)
+        reaches_end = end == request.num_tokens + num_spec
+        return SeqChunk(
+            token_ids=request.token_slice(start, end),
+            start=start,
+            block_table=self.kv.block_ids(request.request_id),
+            num_logits=(1 + num_spec) if reaches_end else 0,
+        )
+
+    def _sample(
+        self, batch: SchedulerOutput, chunks: list[SeqChunk], logits: torch.Tensor
+    ) -> tuple[dict[Request, tuple[list[int], list]], dict[str, int]]:
+        """-> (per request: new tokens and their logprobs, per request id: rejected drafts)."""
+        new_tokens: dict[Request, tuple[list[int], list]] = {}
+        rejected: dict[str, int] = {}
+        plain_rows: list[int] = []
+        plain_requests: list[Request] = []
+        row = 0
+        for (request, _), chunk in zip(batch.scheduled, chunks, strict=True):
+            if chunk.num_logits == 1:
+                plain_rows.append(row)
+                plain_requests.append(request)
+            elif chunk.num_logits > 1:
+                verified = self.speculator.verify(request, logits[row : row + chunk.num_logits])
+                new_tokens[request] = (verified.tokens, verified.logprobs)
+                rejected[request.request_id] = verified.num_rejected
+            row += chunk.num_logits
+        if plain_requests:
+            index = torch.tensor(plain_rows, device=logits.device)
+            rows = [self._sampling_row(r) for r in plain_requests]
+            plain = logits.index_select(0, index)  # [len(plain_rows), vocab]
+            if self._grammars:  # one packed bitmask over the batch; free rows untouched
+                grammars = [self._grammars.get(r.request_id) for r in plain_requests]
+                self.grammars.apply(plain, grammars)
+            for request, token in zip(plain_requests, self.sampler(plain, rows), strict=True):
+                new_tokens[request] = ([token.token_id], [(token.logprob, token.top_logprobs)])
+        return new_tokens, rejected
+
+    def _accept(self, request: Request, tokens: list[int], logprobs: list) -> None:
+        """Record logprobs and apply the stop rules token by token; tokens after a stop are
+        dropped (speculation can emit several at once)."""
+        base = request.num_output_tokens - len(tokens)
+        for i, (token_id, (logprob, top)) in enumerate(zip(tokens, logprobs, strict=True)):
+            if logprob is not None:
+                request.output_logprobs.append(TokenLogprob(token_id, logprob, top))
+            self._check_stop(request, token_id, base + i + 1)
+            if request.is_finished:
+                extra = len(tokens) - i - 1
+                if extra:
+                    del request.output_token_ids[-extra:]
+                    del request.all_token_ids[-extra:]
+                return
+
+    def _record_step(self, batch: SchedulerOutput, num_generated: int, start: float, now: float):
         self.step_index += 1
         self.total_prompt_tokens += batch.num_prefill_tokens
-        self.total_generated_tokens += len(sampling)
+        self.total_generated_tokens += num_generated
+        duration = time.perf_counter() - start
+        if self.speculator is not None and batch.verifies:
+            self.speculator.stats.verify_time_s += duration
         self.recent_steps.append(
             StepStats(
                 index=self.step_index,
                 end_time=now,
-                duration_s=time.perf_counter() - start,
+                duration_s=duration,
                 prefill_tokens=batch.num_prefill_tokens,
                 decode_tokens=batch.num_decode_tokens,
                 batch_size=len(batch.scheduled),
-                num_sampled=len(sampling),
+                num_sampled=num_generated,
                 num_preempted=len(batch.preempted),
             )
         )
-        touched = {r.request_id: r for r, _ in batch.scheduled}
-        touched.update((r.request_id, r) for r in sampling)
-        outputs.extend(self._output(r) for r in touched.values() if r.request_id in self.requests)
-        return outputs
 
     def _sampling_row(self, request: Request) -> SamplingRow:
         return SamplingRow(
@@ -218,10 +304,17 @@ class EngineCore:
             eos_token_ids=request.eos_token_ids,
         )
 
-    def _check_stop(self, request: Request, token_id: int) -> None:
+    def _check_stop(self, request: Request, token_id: int, n: int) -> None:
+        """Stop rules after the request's n-th output token, `token_id`."""
         params = request.params
         detok = self._detok[request.request_id]
-        n = request.num_output_tokens
+        grammar = self._grammars.get(request.request_id)
+        if grammar is not None and grammar.accept(token_id):
+            # The grammar took a stop token (it is complete) or is stuck: nothing may follow.
+            error = grammar.error
+            status = RequestStatus.FINISHED_ERROR if error else RequestStatus.FINISHED_STOPPED
+            self._finish(request, status, error)
+            return
         if n >= params.min_tokens and token_id in params.stop_token_ids:
             request.stop_reason = token_id
             self._finish(request, RequestStatus.FINISHED_STOPPED)
@@ -236,11 +329,14 @@ class EngineCore:
                 request.stop_reason = update.stop_string
                 self._finish(request, RequestStatus.FINISHED_STOPPED)
                 return
-        if n >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if n >= params.max_tokens or request.num_prompt_tokens + n >= self.max_model_len:
             self._finish(request, RequestStatus.FINISHED_LENGTH)
 
     def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
         self.scheduler.finish(request, status)
+        self._grammars.pop(request.request_id, None)
+        if self.speculator is not None:
+            self.speculator.free(request)
         request.finish_time = time.monotonic()
         request.error = error
         if status is RequestStatus.FINISHED_ABORTED:
@@ -256,6 +352,10 @@ class EngineCore:
         finished = request.is_finished
         if finished and detok is not None:
             delta_text += detok.flush()
+            if detok.stop_string is not None and request.stop_reason is None:
+                # The held-back tail completed a stop string only at the end.
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = detok.stop_string
         self._sent[rid] = (request.num_output_tokens, len(request.output_logprobs))
         out = RequestOutput(
             request_id=rid,

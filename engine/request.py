@@ -41,6 +41,8 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts to verify this step
+    spec_probs: torch.Tensor | None = None  # [len(spec_token_ids), vocab] draft distributions
     num_cached_tokens: int = -1  # prefix-cache hit at first admission (-1: not yet admitted)
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -65,6 +67,13 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of the request followed by its draft tokens."""
+        known = self.all_token_ids[start:end]
+        if end > self.num_tokens:
+            known += self.spec_token_ids[max(start - self.num_tokens, 0) : end - self.num_tokens]
+        return known
 
     @property
     def is_finished(self) -> bool:

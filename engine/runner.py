@@ -1,7 +1,7 @@
-"""Scheduled batch -> flat tensors -> model -> logits of the rows that sample this step.
+"""Sequence chunks -> flat tensors -> model -> logits of the positions that need them.
 
-A sequence samples when this step computes up to its last known token: every decode, and the
-final chunk of a prefill. Earlier prefill chunks only fill the cache.
+The runner knows nothing of requests or schedulers: the target engine and the draft model of
+speculative decoding both hand it `SeqChunk`s, decodes (one token) first.
 """
 
 from __future__ import annotations
@@ -12,18 +12,21 @@ import torch
 
 from engine.attention.metadata import AttentionBackend, AttentionMetadata
 from engine.kv.cache import KVCache
-from engine.kv.manager import KVCacheManager
 from engine.model.llama import LlamaForCausalLM
-from engine.request import Request
-from engine.scheduler import SchedulerOutput
+
+
+class SeqChunk(NamedTuple):
+    token_ids: list[int]  # the tokens computed this step
+    start: int  # position of token_ids[0]; the tokens before it are in the cache
+    block_table: list[int]  # covers start + len(token_ids) tokens
+    num_logits: int  # how many of the last positions need logits (0: a mid-prompt chunk)
 
 
 class StepBatch(NamedTuple):
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_sampling] rows of the flat batch whose logits are needed
-    sampling: list[Request]  # requests that get a token this step, in logits order
+    logits_indices: torch.Tensor  # [num_logits] rows of the flat batch whose logits are needed
 
 
 class ModelRunner:
@@ -31,42 +34,35 @@ class ModelRunner:
         self,
         model: LlamaForCausalLM,
         kv_cache: KVCache,
-        kv: KVCacheManager,
         backend: AttentionBackend,
         device: torch.device,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.kv = kv
         self.backend = backend
         self.device = device
-        self.block_size = kv.block_size
+        self.block_size = kv_cache.layout.block_size
 
-    def prepare(self, out: SchedulerOutput) -> StepBatch:
+    def prepare(self, chunks: list[SeqChunk], num_decodes: int) -> StepBatch:
+        """The first `num_decodes` chunks must be single-token decodes."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         starts = [0]
         seq_lens: list[int] = []
-        tables: list[list[int]] = []
         logits_indices: list[int] = []
-        sampling: list[Request] = []
         bs = self.block_size
-        for request, num_new in out.scheduled:
-            start = request.num_computed_tokens
-            end = start + num_new
-            table = self.kv.block_ids(request.request_id)
-            input_ids.extend(request.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            starts.append(starts[-1] + num_new)
+        for chunk in chunks:
+            end = chunk.start + len(chunk.token_ids)
+            table = chunk.block_table
+            input_ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(chunk.start, end))
+            starts.append(starts[-1] + len(chunk.token_ids))
             seq_lens.append(end)
-            tables.append(table)
-            if end == request.num_tokens:
-                logits_indices.append(starts[-1] - 1)
-                sampling.append(request)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+            logits_indices.extend(range(starts[-1] - chunk.num_logits, starts[-1]))
+        width = max(len(c.block_table) for c in chunks)
+        padded = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
         dev = self.device
         meta = AttentionMetadata(
             backend=self.backend,
@@ -75,7 +71,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
             query_start_loc=starts,
             seq_lens_host=seq_lens,
-            num_decodes=len(out.decodes),
+            num_decodes=num_decodes,
             block_size=bs,
         )
         return StepBatch(
@@ -83,12 +79,11 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             meta=meta,
             logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=dev),
-            sampling=sampling,
         )
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
-        """-> (logits [num_sampling, vocab] float32, the requests they belong to)."""
-        batch = self.prepare(out)
+    def run(self, chunks: list[SeqChunk], num_decodes: int) -> torch.Tensor:
+        """-> logits [sum of num_logits, vocab] float32, in chunk order."""
+        batch = self.prepare(chunks, num_decodes)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, batch.meta)
-        return self.model.logits(hidden[batch.logits_indices]), batch.sampling
+        return self.model.logits(hidden[batch.logits_indices])

@@ -195,6 +195,14 @@ class Sampler:
         noise.clamp_(min=torch.finfo(torch.float32).tiny)
         return (probs.float() / noise).argmax(dim=-1)
 
+    def logprobs(
+        self, logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor
+    ) -> list[tuple[float | None, list[tuple[int, float]] | None]]:
+        """(chosen token's logprob, top-n) per row for tokens chosen elsewhere (speculative
+        verification); (None, None) for rows that don't ask."""
+        found = self._logprobs(logits, rows, tokens)
+        return [found.get(i, (None, None)) for i in range(len(rows))]
+
     # ------------------------------------------------------------------ internals
 
     @staticmethod

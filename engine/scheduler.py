@@ -25,18 +25,19 @@ class ScheduledRequest(NamedTuple):
 
 @dataclass
 class SchedulerOutput:
-    decodes: list[ScheduledRequest] = field(default_factory=list)
-    prefills: list[ScheduledRequest] = field(default_factory=list)
+    decodes: list[ScheduledRequest] = field(default_factory=list)  # one token each
+    verifies: list[ScheduledRequest] = field(default_factory=list)  # a token + its drafts
+    prefills: list[ScheduledRequest] = field(default_factory=list)  # prompt chunks
     preempted: list[Request] = field(default_factory=list)
 
     @property
     def scheduled(self) -> list[ScheduledRequest]:
-        """Decodes first: the attention backend relies on that order."""
-        return self.decodes + self.prefills
+        """Single-token decodes first: the attention backend relies on that order."""
+        return self.decodes + self.verifies + self.prefills
 
     @property
     def num_decode_tokens(self) -> int:
-        return len(self.decodes)
+        return len(self.decodes) + sum(s.num_new_tokens for s in self.verifies)
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -44,7 +45,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.decodes and not self.prefills
+        return not (self.decodes or self.verifies or self.prefills)
 
 
 class Scheduler:
@@ -93,9 +94,12 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_known = request.num_tokens - request.num_computed_tokens
+            num_new = min(num_known + len(request.spec_token_ids), budget)
             if num_new <= 0:
                 continue
+            # Drafts that don't fit the budget are dropped, never the request's own tokens.
+            del request.spec_token_ids[max(num_new - num_known, 0) :]
             while not self.kv.allocate_slots(request, num_new):
                 victim = max(self.running, key=lambda r: r.sort_key)
                 self._preempt(victim, out)
@@ -130,25 +134,37 @@ class Scheduler:
             budget -= num_new
 
         for item in scheduled.values():
-            is_decode = item.num_new_tokens == 1 and not item.request.is_prefilling
-            (out.decodes if is_decode else out.prefills).append(item)
+            if item.request.spec_token_ids:
+                out.verifies.append(item)
+            elif item.num_new_tokens == 1 and not item.request.is_prefilling:
+                out.decodes.append(item)
+            else:
+                out.prefills.append(item)
         return out
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
         out.preempted.append(request)
         self.num_preemptions += 1
 
-    def update(self, out: SchedulerOutput) -> None:
-        """The step ran: the scheduled tokens' K/V are now in the cache."""
+    def update(self, out: SchedulerOutput, num_rejected: dict[str, int] | None = None) -> None:
+        """The step ran and its tokens were appended: the scheduled tokens' K/V are in the
+        cache, except those of rejected drafts, whose pages beyond the kept tokens go back."""
+        num_rejected = num_rejected or {}
         for request, num_new in out.scheduled:
-            request.num_computed_tokens += num_new
+            rejected = num_rejected.get(request.request_id, 0)
+            request.num_computed_tokens += num_new - rejected
+            request.spec_token_ids = []
+            request.spec_probs = None
             self.kv.register_full_blocks(request)
+            if rejected:
+                self.kv.trim(request, request.num_computed_tokens)
 
     @property
     def preempted(self) -> list[Request]:

@@ -140,7 +140,7 @@ def build_state(core: EngineCore) -> EngineState:
     gen_tp = sum(s.num_sampled for s in window) / span if span > 0 else 0.0
     waiting = core.scheduler.waiting
     used, total = _device_memory(core.device)
-    spec = getattr(core, "spec_stats", None)
+    spec = core.speculator.stats if core.speculator is not None else None
     return EngineState(
         step=core.step_index,
         timestamp=time.time(),
