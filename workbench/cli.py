@@ -1,0 +1,304 @@
+"""The `workbench` command: launch the TUI, generate, chat in the terminal, benchmark.
+
+    workbench generate --prompt "Once upon a time" --max-tokens 32
+    workbench chat --system "You are terse."
+    workbench bench --num-requests 32 --input-len 128 --output-len 128 --compare hf
+    workbench launch
+
+Engine options map onto `EngineConfig` in `engine_config_from_args` and sampling options onto
+`SamplingParams` in `sampling_params_from_args`, and nowhere else; an option left out keeps the
+dataclass's default. Every user error (a model that is not there, a value out of range) ends as one
+line `workbench: error: ...` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from engine.config import EngineConfig, SamplingParams
+
+PROG = "workbench"
+EXIT_USAGE = 2  # bad arguments or values, unknown model: what argparse uses too
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """An argument the parser rejected; main() prints it as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --- options shared by several commands -------------------------------------------------------
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_default: str | None = "tiny") -> None:
+    """The engine options; `model_default` None leaves --model unset unless given (for `launch`,
+    where the settings file chooses the model)."""
+    g = parser.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        default=model_default,
+        help="bundled name (tiny), checkpoint directory or Hugging Face id (default: "
+        + (model_default or "the settings file's, else tiny")
+        + ")",
+    )
+    g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    g.add_argument("--block-size", type=int, help="tokens per KV page")
+    g.add_argument("--max-num-tokens", type=int, help="token budget of one engine step")
+    g.add_argument("--max-num-seqs", type=int, help="most requests running at once")
+    g.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens")
+    g.add_argument("--num-kv-blocks", type=int, help="KV pages (default: sized from memory)")
+    g.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=None,
+        help="do not reuse cached prompt prefixes",
+    )
+    g.add_argument(
+        "--load-format",
+        choices=("auto", "dummy"),
+        help="auto: the checkpoint's weights; dummy: random weights at its shapes",
+    )
+
+
+_ENGINE_FIELDS = (
+    "model",
+    "dtype",
+    "device",
+    "block_size",
+    "max_num_tokens",
+    "max_num_seqs",
+    "max_model_len",
+    "num_kv_blocks",
+    "enable_prefix_caching",
+    "load_format",
+)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The one place engine options become an EngineConfig (which validates them)."""
+    values = {name: getattr(args, name, None) for name in _ENGINE_FIELDS}
+    return EngineConfig(**{k: v for k, v in values.items() if v is not None})
+
+
+def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
+    """An EngineConfig as the keyword arguments of LLM(...) / AsyncLLM(...)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"default: {max_tokens}")
+    g.add_argument("--temperature", type=float, help="0 is greedy (default: 0)")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int, help="0 or -1: off")
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--seed", type=int, help="seed of this request's sampling")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", default=None)
+
+
+_SAMPLING_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "ignore_eos",
+)
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    """The one place sampling options become SamplingParams (which validates them)."""
+    values = {name: getattr(args, name, None) for name in _SAMPLING_FIELDS}
+    return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_params_from_args(args)  # bad values fail before the model loads
+    config = engine_config_from_args(args)
+    from engine.llm import LLM
+
+    llm = LLM(**engine_kwargs(config))
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    else:
+        outputs = llm.generate(list(args.prompt), params)
+    failed = False
+    for prompt, out in zip(args.prompt, outputs, strict=True):
+        if out.error is not None:
+            failed = True
+            print(f"{PROG}: error: {_one_line(out.error)}", file=sys.stderr)
+        if args.json:
+            ttft = out.metrics.ttft if out.metrics is not None else None
+            record = {
+                "prompt": prompt,
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "finish_reason": out.finish_reason,
+                "ttft": ttft,
+            }
+            if out.error is not None:
+                record["error"] = out.error
+            print(json.dumps(record, ensure_ascii=False))
+        elif out.error is None:
+            print(out.text)
+    sys.stdout.flush()
+    return EXIT_USAGE if failed else 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_params_from_args(args)
+    config = engine_config_from_args(args)
+    from workbench.chat_repl import ChatREPL
+
+    return ChatREPL.from_config(config, params, system=args.system).run()
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    args.engine_config = engine_config_from_args(args)  # validated before the TUI starts
+    try:
+        from workbench.app import run_app
+    except ImportError as err:
+        missing = getattr(err, "name", None)
+        why = (
+            "the TUI (workbench.app) is not installed in this build yet"
+            if missing in ("workbench.app", None) or "run_app" in str(err)
+            else f"the TUI cannot start: {_one_line(err)}"
+        )
+        print(
+            f"{PROG}: {why}; use 'workbench chat' or 'workbench generate' meanwhile",
+            file=sys.stderr,
+        )
+        return 1
+    result = run_app(args)
+    return result if isinstance(result, int) else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from engine.bench import (
+        BenchConfig,
+        default_report_path,
+        format_report,
+        run_benchmark,
+        write_report,
+    )
+
+    bench_config = BenchConfig(
+        num_requests=args.num_requests,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        concurrency=args.concurrency,
+        warmup=args.warmup,
+        seed=args.seed,
+        prompts_file=args.prompts,
+        compare=args.compare,
+        threads=args.threads,
+    )
+    config = engine_config_from_args(args)
+    report = run_benchmark(config, bench_config, command=args.command_line)
+    print(format_report(report))
+    path = args.json_out or default_report_path()
+    try:
+        written = write_report(report, path)
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
+    print(f"\nwrote {written}")
+    return 0
+
+
+# --- the parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG, description="A terminal workbench for serving LLMs with a paged-KV engine."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("launch", cmd_launch, "start the TUI")
+    add_engine_args(p, model_default=None)
+    p.add_argument("--db", metavar="PATH", help="the sessions database (default: the store's)")
+
+    p = command("generate", cmd_generate, "complete prompts and print the outputs")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="repeatable")
+    p.add_argument("--chat", action="store_true", help="send each prompt as a user message")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per output: text, token_ids, finish_reason, ttft (s)",
+    )
+    add_engine_args(p)
+    add_sampling_args(p, max_tokens=SamplingParams.max_tokens)
+
+    p = command("chat", cmd_chat, "chat with the model in the terminal (streaming)")
+    p.add_argument("--system", metavar="TEXT", help="system message")
+    add_engine_args(p)
+    add_sampling_args(p, max_tokens=256)
+
+    p = command("bench", cmd_bench, "offline benchmark: throughput, TTFT, TPOT")
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--num-requests", type=int, help="default: 32, or one per --prompts line")
+    g.add_argument("--input-len", type=int, default=128, help="synthetic prompt tokens (128)")
+    g.add_argument("--output-len", type=int, default=128, help="tokens per request (128)")
+    g.add_argument("--concurrency", type=int, help="most requests in flight (default: all)")
+    g.add_argument("--warmup", type=int, default=0, help="unmeasured requests first (0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts (0)")
+    g.add_argument("--prompts", metavar="FILE", help="prompts, one per line, instead of random")
+    g.add_argument("--compare", choices=("hf",), help="also run transformers generate")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--json-out", metavar="FILE", help="default: bench-<timestamp>.json")
+    add_engine_args(p)
+
+    try:  # `serve` lives in its own module, with the HTTP server's options
+        from workbench import serve_cmd
+    except ImportError:
+        pass
+    else:
+        serve_cmd.add_parser(sub)
+    return parser
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        args.command_line = shlex.join([PROG, *argv])
+        return args.func(args)
+    except (UsageError, ValueError) as err:  # ModelLoadError is a ValueError
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
