@@ -7,7 +7,10 @@ bad request fails alone and says why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.structured import StructuredSpec
 
 
 @dataclass
@@ -30,6 +33,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # top-n logprobs per generated token (0: only the chosen one)
     skip_special_tokens: bool = True
+    structured: StructuredSpec | None = None  # grammar the output must match (engine/structured.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +79,14 @@ class SamplingParams:
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids must be non-negative integers",
         )
+        if self.structured is not None:
+            from engine.structured import StructuredSpec
+
+            _check(
+                isinstance(self.structured, StructuredSpec), "structured must be a StructuredSpec"
+            )
+            # min_tokens bans the stop tokens, which may be all a finished grammar allows.
+            _check(self.min_tokens == 0, "min_tokens cannot be combined with structured output")
         if self.top_k == -1:
             self.top_k = 0
 
@@ -104,6 +116,7 @@ class EngineConfig:
     seed: int = 0  # seed of the engine's generator for unseeded requests and dummy weights
     speculative: dict[str, Any] | None = None
     attention_backend: str = "auto"  # auto | torch | triton
+    enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:

@@ -42,6 +42,7 @@ class ModelRunner:
         self.backend = backend
         self.device = device
         self.block_size = kv_cache.layout.block_size
+        self.graphs = None  # DecodeGraphs, set by the engine on CUDA
 
     def prepare(self, chunks: list[SeqChunk], num_decodes: int) -> StepBatch:
         """The first `num_decodes` chunks must be single-token decodes."""
@@ -84,6 +85,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[SeqChunk], num_decodes: int) -> torch.Tensor:
         """-> logits [sum of num_logits, vocab] float32, in chunk order."""
+        if self.graphs is not None and self.graphs.can_run(chunks, num_decodes):
+            return self.graphs.run(chunks)
         batch = self.prepare(chunks, num_decodes)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, batch.meta)
         return self.model.logits(hidden[batch.logits_indices])

@@ -19,7 +19,9 @@ def test_step_budget_puts_decodes_first_then_prefill_chunks(llama_checkpoint):
     batch = engine.scheduler.schedule()
     assert [(r.request_id, n) for r, n in batch.decodes] == [("a", 1)]
     assert [(r.request_id, n) for r, n in batch.prefills] == [("b", 9)]  # the rest of the budget
-    engine.runner.run(batch)
+    chunks = [engine._chunk(r, n) for r, n in batch.scheduled]
+    logits = engine.runner.run(chunks, len(batch.decodes))
+    assert logits.shape[0] == 1  # only a samples: b's chunk is mid-prompt
     engine.scheduler.update(batch)
     assert engine.requests["b"].num_computed_tokens == 9
 
@@ -49,27 +51,21 @@ def test_priority_runs_first_then_fcfs(llama_checkpoint):
 def test_preemption_picks_the_newest_and_it_resumes(llama_checkpoint):
     llm = LLM(str(llama_checkpoint), block_size=2, num_kv_blocks=12)
     engine = llm.engine
-    prompts = random_prompts([6, 6, 6], seed=4)
-    for i, p in enumerate(prompts):
-        engine.add_request(p, SamplingParams(max_tokens=10, ignore_eos=True), request_id=f"r{i}")
-    preempted = []
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    requests = [
+        engine.add_request(p, params, request_id=f"r{i}")
+        for i, p in enumerate(random_prompts([6, 6, 6], seed=4))
+    ]
+    first_preempted = None
     done = {}
     while engine.has_unfinished():
-        batch = engine.scheduler.schedule()
-        preempted += [r.request_id for r in batch.preempted]
-        if batch.is_empty:
-            break
-        # finish the step the way EngineCore.step does
-        logits, sampling = engine.runner.run(batch)
-        tokens = engine.sampler(logits, [engine._sampling_row(r) for r in sampling])
-        engine.scheduler.update(batch)
-        for r, t in zip(sampling, tokens, strict=True):
-            r.append_tokens([t.token_id], 0.0)
-            engine._check_stop(r, t.token_id)
-            if r.is_finished:
-                done[r.request_id] = list(r.output_token_ids)
-    assert preempted and preempted[0] == "r2"  # the newest goes first
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        if first_preempted is None:
+            first_preempted = next((r.request_id for r in requests if r.num_preemptions), None)
+    assert first_preempted == "r2"  # the newest goes first
+    assert requests[0].num_preemptions == 0  # the oldest is never the victim
     assert sorted(done) == ["r0", "r1", "r2"] and all(len(v) == 10 for v in done.values())
+    assert_pool_whole(llm)
 
 
 def test_abort_frees_blocks_at_once(llama_checkpoint):

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from engine.attention.torch_ref import TorchAttention
+from engine.attention.select import make_backend
 from engine.config import EngineConfig
 from engine.kv.cache import KVCache, KVLayout
 from engine.kv.manager import KVCacheManager
@@ -51,7 +51,10 @@ class DraftProposer:
         )
         self.kv = KVCacheManager(num_blocks, target.block_size, enable_prefix_caching=False)
         self.cache = KVCache(layout, num_blocks, loaded.device)
-        self.runner = ModelRunner(self.model, self.cache, TorchAttention(), loaded.device)
+        backend = make_backend(
+            target.attention_backend, loaded.device, target.block_size, self.model.head_dim
+        )
+        self.runner = ModelRunner(self.model, self.cache, backend, loaded.device)
         self.sampler = sampler
         self.device = loaded.device
         self.computed: dict[str, int] = {}

@@ -1,0 +1,134 @@
+"""CUDA graphs of the decode-only step at a set of batch sizes, captured at start-up.
+
+A decode step of a large model is hundreds of small kernels; launching them one by one from a slow
+host CPU costs more than running them. A graph replays them with one launch. A batch of n decodes
+runs in the smallest captured size >= n; the padding rows write their K/V into a scratch page that
+no request owns and attend only to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention.metadata import AttentionBackend, AttentionMetadata
+from engine.kv.cache import KVCache
+from engine.model.llama import LlamaForCausalLM
+from engine.runner import SeqChunk
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
+    return [s for s in sizes if s < max_batch] + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_cache: KVCache,
+        backend: AttentionBackend,
+        device: torch.device,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        scratch_block: int,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.block_size = kv_cache.layout.block_size
+        self.max_blocks = max_blocks_per_seq
+        self.scratch_block = scratch_block
+        self.sizes = capture_sizes(max_batch)
+        n = self.sizes[-1]
+        i64 = dict(dtype=torch.int64, device=device)
+        self.input_ids = torch.zeros(n, **i64)  # [max_batch]
+        self.positions = torch.zeros(n, **i64)
+        self.slot_mapping = torch.zeros(n, **i64)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, **i64)  # [max_batch, max_blocks]
+        self.seq_lens = torch.ones(n, **i64)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.backend = backend
+        self._capture_all()
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            backend=self.backend,
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            seq_lens=self.seq_lens[:bs],
+            query_start_loc=list(range(bs + 1)),
+            seq_lens_host=[1] * bs,
+            num_decodes=bs,
+            block_size=self.block_size,
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden = self.model(
+            self.input_ids[:bs], self.positions[:bs], self.kv_cache.layers, self._meta(bs)
+        )
+        return self.model.logits(hidden)  # [bs, vocab]
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        self._reset_padding(0)
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory
+                self._forward(bs)  # warm-up: compile kernels, settle the allocator
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    logits = self._forward(bs)
+                self.graphs[bs] = (graph, logits)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+
+    def _reset_padding(self, start: int) -> None:
+        """Rows from `start` on: a one-token context in the scratch page."""
+        self.slot_mapping[start:] = self.scratch_block * self.block_size
+        self.block_tables[start:] = self.scratch_block
+        self.seq_lens[start:] = 1
+        self.positions[start:] = 0
+        self.input_ids[start:] = 0
+
+    def can_run(self, chunks: list[SeqChunk], num_decodes: int) -> bool:
+        return (
+            num_decodes == len(chunks)
+            and 0 < len(chunks) <= self.sizes[-1]
+            and all(len(c.block_table) <= self.max_blocks for c in chunks)
+        )
+
+    @torch.inference_mode()
+    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Decode-only chunks -> logits [len(chunks), vocab] float32."""
+        n = len(chunks)
+        bs = next(s for s in self.sizes if s >= n)
+        bsz = self.block_size
+        width = max(len(c.block_table) for c in chunks)
+        tables = torch.full((n, width), self.scratch_block, dtype=torch.int64)
+        for i, c in enumerate(chunks):
+            tables[i, : len(c.block_table)] = torch.tensor(c.block_table)
+        host = torch.tensor(
+            [
+                [
+                    c.token_ids[0],
+                    c.start,
+                    c.block_table[c.start // bsz] * bsz + c.start % bsz,
+                    c.start + 1,
+                ]
+                for c in chunks
+            ],
+            dtype=torch.int64,
+        )  # [n, 4]: token, position, slot, context length
+        host_dev = host.to(self.device, non_blocking=True)
+        self._reset_padding(n)
+        self.input_ids[:n] = host_dev[:, 0]
+        self.positions[:n] = host_dev[:, 1]
+        self.slot_mapping[:n] = host_dev[:, 2]
+        self.seq_lens[:n] = host_dev[:, 3]
+        self.block_tables[:n, :width] = tables.to(self.device, non_blocking=True)
+        self.block_tables[:n, width:] = self.scratch_block
+        graph, logits = self.graphs[bs]
+        graph.replay()
+        return logits[:n]

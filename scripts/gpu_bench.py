@@ -1,0 +1,121 @@
+"""The GPU benchmark table of docs/performance.md, in one run on the GPU machine.
+
+Measures the device-to-device copy bandwidth first (bytes read + written per second), so the
+batch-1 roofline (weight bytes / bandwidth) comes from the same run as the numbers held against it.
+Then runs `engine.bench.run_benchmark` on dummy weights at a real shape for each row and appends
+one JSON row per result to --out (the schema of docs/results/):
+
+    python3 scripts/gpu_bench.py --model llama-3.1-8b --out docs/results/h100-bf16.json \
+        --rows decode1:128:128 tput:128:128:64:hf tput:128:128:512
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.bench import BenchConfig, device_name, run_benchmark, versions  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.model.presets import num_parameters, preset_config  # noqa: E402
+
+
+def copy_bandwidth(num_bytes: int = 2**30, repeats: int = 20) -> float:
+    """Bytes moved per second by a device-to-device copy (each byte read once, written once)."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * num_bytes * repeats / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-3.1-8b")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        required=True,
+        help="decode1:ISL:OSL or tput:ISL:OSL:REQUESTS[:hf] (concurrency = requests)",
+    )
+    args = parser.parse_args(argv)
+
+    bandwidth = copy_bandwidth()
+    weight_bytes = num_parameters(preset_config(args.model)) * 2  # bf16
+    roofline = bandwidth / weight_bytes
+    card = device_name(torch.device("cuda"))
+    print(
+        f"{card}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, {args.model} weights "
+        f"{weight_bytes / 1e9:.2f} GB, batch-1 roofline {roofline:.1f} tok/s",
+        flush=True,
+    )
+    rows: list[dict] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for spec in args.rows:
+        kind, isl, osl, *rest = spec.split(":")
+        isl, osl = int(isl), int(osl)
+        requests = 2 if kind == "decode1" else int(rest[0])
+        batch = 1 if kind == "decode1" else requests
+        peer = kind == "decode1" or (len(rest) > 1 and rest[1] == "hf")
+        engine = EngineConfig(
+            model=args.model,
+            load_format="dummy",
+            dtype=args.dtype,
+            max_num_seqs=batch,
+            max_model_len=isl + osl,
+            max_num_tokens=max(2048, isl),
+        )
+        bench = BenchConfig(
+            num_requests=requests,
+            input_len=isl,
+            output_len=osl,
+            concurrency=batch,
+            warmup=1 if kind == "decode1" else 0,
+            compare="hf" if peer else None,
+        )
+        command = " ".join(["python3", "scripts/gpu_bench.py", *sys.argv[1:]])
+        started = time.perf_counter()
+        report = run_benchmark(engine, bench, command)
+        result = report["results"]
+        row = {
+            "card": card,
+            "model": args.model,
+            "precision": "bf16" if args.dtype == "bfloat16" else args.dtype,
+            "isl": isl,
+            "osl": osl,
+            "batch": batch,
+            "requests": requests,
+            "output_tok_s": result["output_tok_s"],
+            "roofline_tok_s": roofline if kind == "decode1" else None,
+            "bandwidth_tb_s": bandwidth / 1e12,
+            "tpot_ms_p50": result.get("tpot_ms", {}).get("p50"),
+            "peer": "transformers generate" if peer else None,
+            "peer_output_tok_s": report["peer"]["output_tok_s"] if report["peer"] else None,
+            "versions": versions(),
+            "command": command,
+            "date": dt.date.today().isoformat(),
+            "wall_s": time.perf_counter() - started,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
