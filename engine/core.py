@@ -14,7 +14,7 @@ from collections import deque
 
 import torch
 
-from engine.attention.torch_ref import TorchAttention
+from engine.attention.select import make_backend
 from engine.config import EngineConfig, SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv.cache import KVCache, KVLayout
@@ -54,7 +54,9 @@ class EngineCore:
         )
         model_max_len = loaded.max_model_len
         num_blocks = self._num_kv_blocks(layout, config.max_model_len or model_max_len)
-        self.kv_cache = KVCache(layout, num_blocks, self.device)
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        # With CUDA graphs one extra page, owned by no request, takes the padding rows' K/V.
+        self.kv_cache = KVCache(layout, num_blocks + int(use_graphs), self.device)
         # One request at max_model_len must fit the whole pool, or it could never finish.
         self.max_model_len = min(
             config.max_model_len or model_max_len, num_blocks * layout.block_size
@@ -63,7 +65,22 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.kv, config.max_num_tokens, config.max_num_seqs, config.enable_chunked_prefill
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, TorchAttention(), self.device)
+        backend = make_backend(
+            config.attention_backend, self.device, config.block_size, self.model.head_dim
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, self.device)
+        if use_graphs:
+            from engine.cuda_graphs import DecodeGraphs
+
+            self.runner.graphs = DecodeGraphs(
+                self.model,
+                self.kv_cache,
+                backend,
+                self.device,
+                max_batch=config.max_num_seqs,
+                max_blocks_per_seq=-(-self.max_model_len // config.block_size),
+                scratch_block=num_blocks,
+            )
         self.sampler = Sampler(self.device, seed=config.seed)
         self.grammars = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._grammars: dict[str, RequestGrammar] = {}  # matchers of constrained requests
@@ -96,8 +113,7 @@ class EngineCore:
         if cfg.kv_cache_memory_bytes is not None:
             budget = cfg.kv_cache_memory_bytes
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cfg.gpu_memory_utilization)
+            budget = self._gpu_kv_budget()
         else:
             budget = CPU_KV_CACHE_BYTES
         # No use holding more pages than max_num_seqs full-length requests could fill.
@@ -109,6 +125,22 @@ class EngineCore:
                 f"{layout.bytes_per_block} bytes; lower the model size or raise the memory budget"
             )
         return num_blocks
+
+    def _gpu_kv_budget(self) -> int:
+        """Free memory after the weights, times gpu_memory_utilization, less what the steps
+        themselves need: activations of a full token budget and the graphs' logits."""
+        cfg, hf = self.config, self.model.config
+        free, _ = torch.cuda.mem_get_info(self.device)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        activations = cfg.max_num_tokens * (6 * hf.hidden_size + 3 * hf.intermediate_size) * elem
+        logits = 2 * max(cfg.max_num_seqs, 256) * hf.vocab_size * 4
+        budget = int(free * cfg.gpu_memory_utilization) - activations - logits - 2**30
+        if budget <= 0:
+            raise ValueError(
+                f"the model leaves no GPU memory for the KV cache ({free / 2**30:.1f} GiB free "
+                f"after loading it); use a smaller model, a lower precision or a larger GPU"
+            )
+        return budget
 
     # --- requests -----------------------------------------------------------------------------
 
