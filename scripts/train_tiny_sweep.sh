@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU recipe for the bundled models: train a few schedule lengths of "tiny" and "tiny-draft"
+# side by side on one GPU (each model is far too small to fill it), then keep, for each model,
+# the run with the lowest perplexity on the held-out *monitor* stories (never the reported
+# ones; see scripts/train_tiny.py) and copy it to OUT_DIR.
+#
+#   bash scripts/train_tiny_sweep.sh [CORPUS] [OUT_DIR]
+#   TINY_STEPS="1000 2000 4000 8000" DRAFT_STEPS="2000 4000 8000" MINUTES=6 bash scripts/train_tiny_sweep.sh
+#
+# Logs and every candidate stay in $WORK (default /tmp/tiny_sweep).
+set -euo pipefail
+CORPUS=${1:-../shared/corpus}
+OUT_DIR=${2:-engine/models}
+WORK=${WORK:-/tmp/tiny_sweep}
+PY=${PY:-python3}
+TINY_STEPS=${TINY_STEPS:-"1000 2000 4000 8000"}
+DRAFT_STEPS=${DRAFT_STEPS:-"2000 4000 8000"}
+MINUTES=${MINUTES:-6}
+EXTRA=${EXTRA:-}
+export PYTHONUNBUFFERED=1
+
+rm -rf "$WORK"
+mkdir -p "$WORK"
+# One tokenizer for every run, so the kept tiny and tiny-draft share it exactly.
+$PY scripts/train_tiny.py --corpus "$CORPUS" --out-dir "$WORK" --tokenizer-only
+
+pids=()
+run() {  # run MODEL STEPS
+    local flag=--max-steps
+    [ "$1" = tiny-draft ] && flag=--draft-max-steps
+    $PY scripts/train_tiny.py --corpus "$CORPUS" --tokenizer "$WORK/tokenizer" \
+        --out-dir "$WORK/$1-$2" --models "$1" "$flag" "$2" --minutes "$MINUTES" $EXTRA \
+        >"$WORK/$1-$2.log" 2>&1 &
+    pids+=($!)
+}
+for s in $TINY_STEPS; do run tiny "$s"; done
+for s in $DRAFT_STEPS; do run tiny-draft "$s"; done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+grep -h "RESULT" "$WORK"/*.log || true
+if [ $status -ne 0 ]; then
+    tail -n 30 "$WORK"/*.log
+    exit 1
+fi
+
+$PY - "$WORK" "$OUT_DIR" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+for model in ("tiny", "tiny-draft"):
+    runs = sorted(work.glob(f"{model}-*/{model}/training_report.json"))
+    if not runs:
+        continue
+    reps = [(json.loads(p.read_text()), p.parent) for p in runs]
+    best, best_dir = min(reps, key=lambda r: r[0]["monitor_perplexity"])
+    best["selection"] = {
+        "rule": "lowest monitor_perplexity among the candidates",
+        "candidates": [
+            {
+                "max_steps": r["hyperparameters"]["max_steps"],
+                "steps": r["steps"],
+                "kept_step": r["kept_step"],
+                "monitor_perplexity": r["monitor_perplexity"],
+                "perplexity": r["perplexity"],
+            }
+            for r, _ in reps
+        ],
+    }
+    (best_dir / "training_report.json").write_text(json.dumps(best, indent=2) + "\n")
+    dest = out / model
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(best_dir, dest)
+    print(f"kept {best_dir} for {model}: held-out ppl {best['perplexity']}", flush=True)
+PY
