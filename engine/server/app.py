@@ -1,0 +1,176 @@
+"""The FastAPI app: OpenAI-compatible routes, /health, /metrics, /v1/engine/state, OpenAPI.
+
+    app = create_app(AsyncLLM(model), ServerSettings(model_name="tiny", api_key=None))
+
+Every route but /health needs `Authorization: Bearer <api_key>` when a key is set."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine.llm import AsyncLLM
+from engine.server import errors
+from engine.server.chat import create_chat_completion
+from engine.server.completions import create_completion
+from engine.server.context import ServerContext, ServerSettings
+from engine.server.errors import ERROR_RESPONSES, APIError, error_body
+from engine.server.metrics import CONTENT_TYPE
+from engine.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EngineStateResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+)
+from engine.server.streams import ClientDisconnected
+
+OPEN_PATHS = frozenset({"/health"})
+_UNAUTHORIZED = {
+    "description": "Missing or wrong API key",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+}
+_SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+class BearerAuth:
+    """ASGI middleware: 401 unless the request carries the API key (paths in OPEN_PATHS are
+    free). Compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not secrets.compare_digest(given, self.expected):
+            body = error_body(
+                "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
+                "invalid_request_error",
+                code="invalid_api_key",
+            )
+            response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(llm: AsyncLLM, settings: ServerSettings, shutdown_engine: bool = False) -> FastAPI:
+    """`shutdown_engine`: stop the engine when the app shuts down (the CLI's case)."""
+    ctx = ServerContext(llm, settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if shutdown_engine:
+            llm.shutdown()
+
+    app = FastAPI(
+        title="Workbench",
+        summary="OpenAI-compatible API of the Workbench engine",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    errors.install(app)
+    if settings.api_key:
+        app.add_middleware(BearerAuth, api_key=settings.api_key)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=499)
+
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def health() -> Any:
+        thread = getattr(llm, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            return JSONResponse({"status": "error", "detail": "the engine loop stopped"}, 503)
+        return HealthResponse(status="ok")
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def list_models() -> ModelList:
+        return ModelList(data=[_card(ctx)])
+
+    @app.get("/v1/models/{model}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def get_model(model: str) -> ModelCard:
+        ctx.check_model(model)
+        return _card(ctx)
+
+    @app.get("/v1/engine/state", response_model=EngineStateResponse, responses=ERROR_RESPONSES)
+    async def engine_state() -> JSONResponse:
+        return JSONResponse(llm.state().to_dict())
+
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses={**ERROR_RESPONSES, **_SSE},
+    )
+    async def completions(body: CompletionRequest, raw: Request) -> Any:
+        return await create_completion(ctx, body, raw)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses={**ERROR_RESPONSES, **_SSE},
+    )
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Any:
+        return await create_chat_completion(ctx, body, raw)
+
+    app.openapi = lambda: _openapi(app, secured=bool(settings.api_key))  # type: ignore[method-assign]
+    return app
+
+
+def _card(ctx: ServerContext) -> ModelCard:
+    return ModelCard(
+        id=ctx.settings.model_name, created=ctx.created, max_model_len=ctx.max_model_len
+    )
+
+
+def _openapi(app: FastAPI, secured: bool) -> dict[str, Any]:
+    """FastAPI's schema, with our 400 in place of its 422 (validation errors answer 400) and
+    the bearer scheme declared when a key is set."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, summary=app.summary, routes=app.routes
+    )
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for path, item in schema.get("paths", {}).items():
+        for operation in item.values():
+            operation.get("responses", {}).pop("422", None)
+            if secured and path not in OPEN_PATHS:
+                operation["security"] = [{"bearerAuth": []}]
+                operation["responses"].setdefault("401", _UNAUTHORIZED)
+            elif secured:
+                operation["security"] = []
+    if secured:
+        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+    app.openapi_schema = schema
+    return schema
+
+
+__all__ = ["APIError", "ServerSettings", "create_app"]

@@ -1,0 +1,133 @@
+"""POST /v1/chat/completions: messages through the model's chat template, n choices."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+
+from fastapi.responses import Response
+from starlette.requests import Request
+
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.server.context import ServerContext
+from engine.server.errors import bad_request
+from engine.server.params import resolve_max_tokens, sampling_params, structured_spec
+from engine.server.prompts import floor_logprob
+from engine.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    DeltaMessage,
+    TopLogprob,
+    Usage,
+)
+from engine.server.streams import SubRequest
+
+
+async def create_chat_completion(
+    ctx: ServerContext, req: ChatCompletionRequest, raw: Request
+) -> ChatCompletionResponse | Response:
+    ctx.check_model(req.model)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+    prompt = ctx.prompts.chat(req.messages, req.chat_template_kwargs)
+    spec = structured_spec(req)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else None
+    param = "max_completion_tokens" if requested is not None else "max_tokens"
+    max_tokens = resolve_max_tokens(
+        requested if requested is not None else req.max_tokens,
+        None,
+        len(prompt),
+        ctx.max_model_len,
+        param,
+    )
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, structured=spec)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    subs = [SubRequest(i, prompt, p, f"{request_id}-{i}") for i, p in enumerate(params)]
+    await ctx.compile(spec)
+    created = int(time.time())
+    model = ctx.settings.model_name
+
+    def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=request_id, created=created, model=model, choices=choices, usage=usage
+        )
+
+    if req.stream:
+        sent_logprobs: dict[int, int] = {}
+        completion_tokens: dict[int, int] = {}
+        first = [
+            chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            for i in range(req.n)
+        ]
+
+        def chunks(index: int, out: RequestOutput) -> Iterable[ChatCompletionChunk]:
+            start = sent_logprobs.get(index, 0)
+            new = (out.logprobs or [])[start:]
+            if not out.delta_text and not new and not out.finished:
+                return ()
+            sent_logprobs[index] = start + len(new)
+            if out.finished:
+                completion_tokens[index] = len(out.token_ids)
+            choice = ChatStreamChoice(
+                index=index,
+                delta=DeltaMessage(content=out.delta_text or None),
+                logprobs=_logprobs(ctx, new) if out.logprobs is not None else None,
+                finish_reason=out.finish_reason if out.finished else None,
+                stop_reason=out.stop_reason if out.finished else None,
+            )
+            return (chunk([choice]),)
+
+        def last() -> Iterable[ChatCompletionChunk]:
+            if req.stream_options is None or not req.stream_options.include_usage:
+                return ()
+            done = sum(completion_tokens.values())
+            usage = Usage(
+                prompt_tokens=len(prompt), completion_tokens=done, total_tokens=len(prompt) + done
+            )
+            return (chunk([], usage),)
+
+        return ctx.stream(subs, req.priority, chunks, first=first, last=last)
+
+    finals = await ctx.collect(raw, subs, req.priority)
+    choices = [
+        ChatChoice(
+            index=i,
+            message=ChatMessageOut(content=finals[i].text),
+            logprobs=_logprobs(ctx, finals[i].logprobs) if finals[i].logprobs is not None else None,
+            finish_reason=finals[i].finish_reason,
+            stop_reason=finals[i].stop_reason,
+        )
+        for i in sorted(finals)
+    ]
+    done = sum(len(out.token_ids) for out in finals.values())
+    return ChatCompletionResponse(
+        id=request_id,
+        created=created,
+        model=model,
+        choices=choices,
+        usage=Usage(
+            prompt_tokens=len(prompt), completion_tokens=done, total_tokens=len(prompt) + done
+        ),
+    )
+
+
+def _token(ctx: ServerContext, token_id: int, logprob: float) -> TopLogprob:
+    text = ctx.prompts.token_text(token_id)
+    return TopLogprob(token=text, logprob=floor_logprob(logprob), bytes=list(text.encode()))
+
+
+def _logprobs(ctx: ServerContext, entries: list[TokenLogprob]) -> ChatLogprobs:
+    content = []
+    for entry in entries:
+        chosen = _token(ctx, entry.token_id, entry.logprob)
+        top = [_token(ctx, t, lp) for t, lp in entry.top or ()]
+        content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=top))
+    return ChatLogprobs(content=content)

@@ -1,0 +1,141 @@
+"""POST /v1/completions: one prompt or a batch, n choices each (choice index prompt * n + j)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+
+from fastapi.responses import Response
+from starlette.requests import Request
+
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.server.context import ServerContext
+from engine.server.errors import bad_request
+from engine.server.params import resolve_max_tokens, sampling_params, structured_spec
+from engine.server.prompts import floor_logprob
+from engine.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+)
+from engine.server.streams import SubRequest
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+async def create_completion(
+    ctx: ServerContext, req: CompletionRequest, raw: Request
+) -> CompletionResponse | Response:
+    ctx.check_model(req.model)
+    if req.echo:
+        raise bad_request("echo is not supported", param="echo")
+    if req.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    prompts = ctx.prompts.completion(req)
+    spec = structured_spec(req)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    subs: list[SubRequest] = []
+    for p, ids in enumerate(prompts):
+        max_tokens = resolve_max_tokens(
+            req.max_tokens, DEFAULT_MAX_TOKENS, len(ids), ctx.max_model_len, "max_tokens"
+        )
+        params = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, structured=spec)
+        for j, choice_params in enumerate(params):
+            index = p * req.n + j
+            subs.append(SubRequest(index, ids, choice_params, f"{request_id}-{index}"))
+    await ctx.compile(spec)
+    created = int(time.time())
+    model = ctx.settings.model_name
+    prompt_tokens = sum(len(ids) for ids in prompts)
+
+    if req.stream:
+        sent_logprobs: dict[int, int] = {}
+        text_offsets: dict[int, int] = {}
+        completion_tokens: dict[int, int] = {}
+
+        def chunks(index: int, out: RequestOutput) -> Iterable[CompletionResponse]:
+            start = sent_logprobs.get(index, 0)
+            new = (out.logprobs or [])[start:]
+            if not out.delta_text and not new and not out.finished:
+                return ()
+            sent_logprobs[index] = start + len(new)
+            logprobs = None
+            if out.logprobs is not None:
+                logprobs, text_offsets[index] = _logprobs(ctx, new, text_offsets.get(index, 0))
+            if out.finished:
+                completion_tokens[index] = len(out.token_ids)
+            choice = CompletionChoice(
+                index=index,
+                text=out.delta_text,
+                logprobs=logprobs,
+                finish_reason=out.finish_reason if out.finished else None,
+                stop_reason=out.stop_reason if out.finished else None,
+            )
+            return (
+                CompletionResponse(id=request_id, created=created, model=model, choices=[choice]),
+            )
+
+        def last() -> Iterable[CompletionResponse]:
+            if req.stream_options is None or not req.stream_options.include_usage:
+                return ()
+            done = sum(completion_tokens.values())
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=done,
+                total_tokens=prompt_tokens + done,
+            )
+            return (
+                CompletionResponse(
+                    id=request_id, created=created, model=model, choices=[], usage=usage
+                ),
+            )
+
+        return ctx.stream(subs, req.priority, chunks, last=last)
+
+    finals = await ctx.collect(raw, subs, req.priority)
+    choices = []
+    for index in sorted(finals):
+        out = finals[index]
+        logprobs = _logprobs(ctx, out.logprobs, 0)[0] if out.logprobs is not None else None
+        choices.append(
+            CompletionChoice(
+                index=index,
+                text=out.text,
+                logprobs=logprobs,
+                finish_reason=out.finish_reason,
+                stop_reason=out.stop_reason,
+            )
+        )
+    completion_tokens_total = sum(len(out.token_ids) for out in finals.values())
+    return CompletionResponse(
+        id=request_id,
+        created=created,
+        model=model,
+        choices=choices,
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens_total,
+            total_tokens=prompt_tokens + completion_tokens_total,
+        ),
+    )
+
+
+def _logprobs(
+    ctx: ServerContext, entries: list[TokenLogprob], offset: int
+) -> tuple[CompletionLogprobs, int]:
+    """OpenAI's legacy logprobs for `entries`; text offsets continue from `offset`."""
+    result = CompletionLogprobs()
+    for entry in entries:
+        text = ctx.prompts.token_text(entry.token_id)
+        result.tokens.append(text)
+        result.token_logprobs.append(floor_logprob(entry.logprob))
+        top = None
+        if entry.top is not None:
+            top = {ctx.prompts.token_text(t): floor_logprob(lp) for t, lp in entry.top}
+        result.top_logprobs.append(top)
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result, offset

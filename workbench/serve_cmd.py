@@ -1,0 +1,78 @@
+"""`workbench serve`: the engine behind an OpenAI-compatible HTTP API.
+
+    workbench serve --model tiny [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Loopback only by default. A non-loopback address needs --api-key (or WORKBENCH_API_KEY), or the
+explicit --allow-insecure-public. The bind rule and every option are checked before the model
+loads. Engine options are the CLI's own (`workbench.cli.add_engine_args`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+DEFAULT_MAX_QUEUE = 256
+API_KEY_ENV = "WORKBENCH_API_KEY"
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `serve` command to the CLI's subparsers; it runs `run(args)` (`args.func`)."""
+    from workbench import cli
+
+    help = "serve the model over an OpenAI-compatible HTTP API"
+    p = subparsers.add_parser("serve", help=help, description=help)
+    p.set_defaults(func=run)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="default: 8000")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on every route but /health "
+        f"(default: ${API_KEY_ENV})",
+    )
+    g.add_argument(
+        "--allow-insecure-public",
+        action="store_true",
+        help="allow a non-loopback --host without --api-key (anyone who reaches it can use it)",
+    )
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help=f"requests allowed to wait beyond --max-num-seqs before answering 429; -1: no "
+        f"limit (default: {DEFAULT_MAX_QUEUE})",
+    )
+    g.add_argument("--served-model-name", help="the model id clients send (default: --model)")
+    g.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+    cli.add_engine_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.server import check_bind
+    from workbench import cli
+
+    check_bind(args.host, args.api_key, args.allow_insecure_public)  # before the model loads
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue < -1:
+        raise ValueError(f"--max-queue must be >= 0, or -1 for no limit, got {args.max_queue}")
+    config = cli.engine_config_from_args(args)
+
+    from engine.llm import AsyncLLM
+    from engine.server import ServerSettings, create_app, serve
+
+    llm = AsyncLLM(**cli.engine_kwargs(config))
+    settings = ServerSettings(
+        model_name=args.served_model_name or args.model,
+        api_key=args.api_key or None,
+        max_queue=None if args.max_queue == -1 else args.max_queue,
+    )
+    app = create_app(llm, settings, shutdown_engine=True)
+    serve(app, args.host, args.port, log_level=args.log_level)
+    return 0
