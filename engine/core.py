@@ -45,13 +45,7 @@ class EngineCore:
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = loaded.hf_config.vocab_size
 
-        layout = KVLayout(
-            num_layers=loaded.hf_config.num_hidden_layers,
-            num_kv_heads=self.model.num_kv_heads,
-            head_dim=self.model.head_dim,
-            block_size=config.block_size,
-            dtype=self.dtype,
-        )
+        layout = KVLayout.of(self.model, config.block_size, self.dtype)
         model_max_len = loaded.max_model_len
         num_blocks = self._num_kv_blocks(layout, config.max_model_len or model_max_len)
         use_graphs = self.device.type == "cuda" and not config.enforce_eager

@@ -15,6 +15,17 @@ class KVLayout:
     block_size: int
     dtype: torch.dtype
 
+    @classmethod
+    def of(cls, model, block_size: int, dtype: torch.dtype) -> KVLayout:
+        """The layout a LlamaForCausalLM needs."""
+        return cls(
+            num_layers=model.config.num_hidden_layers,
+            num_kv_heads=model.num_kv_heads,
+            head_dim=model.head_dim,
+            block_size=block_size,
+            dtype=dtype,
+        )
+
     @property
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()

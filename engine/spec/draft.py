@@ -42,13 +42,7 @@ class DraftProposer:
                 f"target {target_vocab}: a draft must share the target's tokenizer"
             )
         self.model = loaded.model
-        layout = KVLayout(
-            num_layers=loaded.hf_config.num_hidden_layers,
-            num_kv_heads=self.model.num_kv_heads,
-            head_dim=self.model.head_dim,
-            block_size=target.block_size,
-            dtype=loaded.dtype,
-        )
+        layout = KVLayout.of(self.model, target.block_size, loaded.dtype)
         self.kv = KVCacheManager(num_blocks, target.block_size, enable_prefix_caching=False)
         self.cache = KVCache(layout, num_blocks, loaded.device)
         backend = make_backend(
