@@ -1,0 +1,222 @@
+"""The Chat panel: several chats (each may be replying at once), the active one's settings."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import ContentSwitcher, Input, OptionList
+from textual.widgets.option_list import Option
+
+from panels.client import ChatParams, EngineHandle
+from panels.conversation import Conversation
+from panels.widgets import shown
+from panels.widgets.chat_settings import ChatSettings
+from panels.widgets.chat_view import ChatView
+from panels.widgets.message import MessageView
+from store import Store
+
+HELP = """\
+## Chat
+
+Talk to the loaded model through its chat template. Replies stream in as Markdown and are saved
+to the session store as they arrive (a reply cut short by a crash shows as *interrupted*).
+
+- **Enter** sends. While the model is still loading you can type and send: the reply starts when
+  the model is ready.
+- **Esc** cancels the streaming reply; the engine frees its KV blocks at once.
+- **Several chats** can reply at the same time (Ctrl+N opens one; Alt+←/→ or the list on the
+  left switch): the Monitor panel shows them batched together.
+- **Regenerate** (Ctrl+R, or `r` on a focused reply) and **edit & resend** (↑ in an empty input,
+  or `e` on a focused prompt) keep the old branch in the session.
+- Focus a message with Tab / Shift+Tab: `c` copies it, `k` copies a code block.
+- **Settings** (Ctrl+O): system prompt, temperature, top-p, top-k, max tokens and seed, per chat,
+  applied from the next reply and saved with the session.
+"""
+
+
+class ChatPanel(Horizontal):
+    """Chats in a ContentSwitcher, a list to pick one, and the settings sidebar."""
+
+    HELP: ClassVar[str] = HELP
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel reply", id="chat.cancel"),
+        Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
+        Binding("ctrl+r", "regenerate", "Regenerate", id="chat.regenerate"),
+        Binding("ctrl+y", "copy_reply", "Copy reply", id="chat.copy"),
+        Binding("ctrl+o", "toggle_settings", "Settings", id="chat.settings"),
+        Binding("up", "edit_last", "Edit last prompt", id="chat.edit_last", show=False),
+        Binding("alt+right", "next_chat", "Next chat", id="chat.next", show=False),
+        Binding("alt+left", "previous_chat", "Previous chat", id="chat.previous", show=False),
+    ]
+
+    def __init__(
+        self,
+        store: Store,
+        handle: EngineHandle,
+        params: ChatParams,
+        system_prompt: str = "",
+        **kwargs: str,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.store = store
+        self.handle = handle
+        self.default_params = params
+        self.default_system_prompt = system_prompt
+        self._numbers = 0
+
+    def compose(self) -> ComposeResult:
+        yield OptionList(id="chat-list")
+        first = self._new_view()
+        with ContentSwitcher(id="chats", initial=first.id):
+            yield first
+        yield ChatSettings(self.default_params, self.default_system_prompt, id="chat-settings")
+
+    def on_mount(self) -> None:
+        self.query_one("#chat-list", OptionList).border_title = "Chats"
+        self._refresh_list()
+
+    def _new_view(self, conv: Conversation | None = None) -> ChatView:
+        self._numbers += 1
+        conv = conv or Conversation(self.store, self.default_params, self.default_system_prompt)
+        return ChatView(self._numbers, conv, self.handle)
+
+    # -- which chat ----------------------------------------------------------------------------
+
+    @property
+    def views(self) -> list[ChatView]:
+        return list(self.query(ChatView))
+
+    @property
+    def active(self) -> ChatView:
+        switcher = self.query_one(ContentSwitcher)
+        return switcher.query_one(f"#{switcher.current}", ChatView)
+
+    def focus_prompt(self) -> None:
+        self.active.prompt.focus()
+
+    def switch_to(self, view: ChatView) -> None:
+        self.query_one(ContentSwitcher).current = view.id
+        self.query_one(ChatSettings).load(view.conv.params, view.conv.system_prompt)
+        self._refresh_list()
+        if shown(self):  # focusing inside a hidden tab would switch to it
+            view.prompt.focus()
+
+    async def add_chat(self, conv: Conversation | None = None) -> ChatView:
+        view = self._new_view(conv)
+        await self.query_one(ContentSwitcher).add_content(view)
+        self.switch_to(view)
+        return view
+
+    async def open_session(self, session_id: int) -> ChatView:
+        """Show a saved session (switching to it if a chat already has it open) to resume it."""
+        for view in self.views:
+            if view.conv.session_id == session_id:
+                self.switch_to(view)
+                return view
+        conv = Conversation.resume(self.store, session_id, self.default_params)
+        old = self.active
+        view = await self.add_chat(conv)
+        if not old.conv.turns and not old.streaming:  # an untouched chat: replace it
+            await old.remove()
+            self._refresh_list()
+        return view
+
+    async def close_chat(self, view: ChatView | None = None) -> None:
+        view = view or self.active
+        view.cancel()
+        if len(self.views) == 1:
+            await self.add_chat()
+        views = self.views
+        if view is self.active:
+            at = views.index(view)
+            self.switch_to(views[at + 1] if at + 1 < len(views) else views[at - 1])
+        await view.remove()
+        self._refresh_list()
+
+    async def session_deleted(self, session_id: int) -> None:
+        for view in self.views:
+            if view.conv.session_id == session_id:
+                await self.close_chat(view)
+
+    def streaming_session_ids(self) -> set[int]:
+        return {v.conv.session_id for v in self.views if v.streaming and v.conv.session_id}
+
+    def _refresh_list(self) -> None:
+        chat_list = self.query_one("#chat-list", OptionList)
+        views = self.views
+        highlighted = chat_list.highlighted
+        chat_list.clear_options()
+        chat_list.add_options(Option(Text(v.label), id=v.id) for v in views)
+        try:
+            current = views.index(self.active)
+        except (ValueError, LookupError):
+            current = highlighted
+        chat_list.highlighted = current
+
+    # -- events --------------------------------------------------------------------------------
+
+    def on_chat_view_updated(self, event: ChatView.Updated) -> None:
+        self._refresh_list()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        view = self.query_one(f"#{event.option.id}", ChatView)
+        self.switch_to(view)
+
+    def on_chat_settings_changed(self, event: ChatSettings.Changed) -> None:
+        event.stop()
+        self.active.apply_settings(event.params, event.system_prompt)
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def action_cancel(self) -> None:
+        active = self.active
+        if active.cancel() or active.stop_editing():
+            return
+        if isinstance(self.app.focused, MessageView):
+            self.focus_prompt()
+
+    async def action_new_chat(self) -> None:
+        await self.add_chat()
+
+    async def action_close_chat(self) -> None:
+        await self.close_chat()
+
+    def action_regenerate(self) -> None:
+        self.active.regenerate()
+
+    def action_copy_reply(self) -> None:
+        self.active.copy()
+
+    def action_copy_code(self) -> None:
+        self.active.copy_code()
+
+    def action_edit_last(self) -> None:
+        focused = self.app.focused
+        if isinstance(focused, Input) and focused is self.active.prompt and not focused.value:
+            self.active.edit()
+        elif isinstance(focused, MessageView):
+            self.app.action_focus_previous()
+
+    def action_toggle_settings(self) -> None:
+        settings = self.query_one(ChatSettings)
+        if settings.display:
+            settings.add_class("-hidden").remove_class("-shown")
+            self.focus_prompt()
+        else:
+            settings.add_class("-shown").remove_class("-hidden")
+            settings.query_one("#system-prompt").focus()
+
+    def _cycle(self, step: int) -> None:
+        views = self.views
+        self.switch_to(views[(views.index(self.active) + step) % len(views)])
+
+    def action_next_chat(self) -> None:
+        self._cycle(1)
+
+    def action_previous_chat(self) -> None:
+        self._cycle(-1)

@@ -1,0 +1,239 @@
+"""The engine as the panels see it: a small protocol, so that a remote engine (a later
+`--attach URL` client) can replace the in-process one without the panels noticing.
+
+Importing this module is cheap (no torch): the in-process engine is imported only when
+`LocalEngineClient.load` runs, in a worker thread, so the UI is up before the model is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from engine.llm import AsyncLLM
+    from engine.outputs import RequestOutput
+    from engine.state import EngineState
+
+# Values of `EngineState.block_map` besides owner indices (engine.state.BLOCK_FREE and
+# BLOCK_CACHED): part of the state protocol, repeated so that the panels do not import torch.
+BLOCK_FREE = -1
+BLOCK_CACHED = -2
+
+ChatMessage = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": ...}
+EngineStatus = Literal["loading", "ready", "failed"]
+
+
+@dataclass(frozen=True)
+class ChatParams:
+    """The sampling parameters a chat exposes (the engine's SamplingParams has more)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0  # 0: no top-k cut
+    max_tokens: int = 512
+    seed: int | None = None  # None: a fresh random stream per reply
+    ignore_eos: bool = False  # config file only: keep generating to max_tokens (load tests)
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be 0 (off) or positive, got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max tokens must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be >= 0 or empty, got {self.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], default: ChatParams | None = None) -> ChatParams:
+        """Known keys of `data` over `default`; unknown keys are ignored, a bad value raises."""
+        base = dataclasses.asdict(default or cls())
+        base.update({k: v for k, v in data.items() if k in base})
+        return cls(**base)
+
+    def describe(self) -> str:
+        """One short line for a chat's title bar."""
+        parts = ["greedy"] if self.temperature == 0 else [f"T {self.temperature:g}"]
+        if self.temperature and self.top_p < 1:
+            parts.append(f"top-p {self.top_p:g}")
+        if self.temperature and self.top_k:
+            parts.append(f"top-k {self.top_k}")
+        parts.append(f"max {self.max_tokens}")
+        if self.seed is not None:
+            parts.append(f"seed {self.seed}")
+        if self.ignore_eos:
+            parts.append("ignore EOS")
+        return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    """One streamed delta of a reply, with the running totals a chat shows."""
+
+    request_id: str
+    delta: str
+    text: str  # the whole reply so far
+    num_tokens: int
+    num_prompt_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None
+    ttft_s: float | None = None
+    tokens_per_s: float | None = None  # decode rate after the first token
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class EngineClient(Protocol):
+    """What the panels need from an engine, local or remote."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def engine_config(self) -> dict[str, Any]: ...
+
+    def chat(
+        self, messages: list[ChatMessage], params: ChatParams, request_id: str
+    ) -> AsyncIterator[ChatChunk]:
+        """Stream a reply. A bad request raises ValueError on the first iteration; leaving the
+        stream early aborts the request."""
+        ...
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks; its stream ends with reason "abort"."""
+        ...
+
+    def state(self) -> EngineState:
+        """The engine's latest published snapshot (cheap: never waits for a step)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _chunk(out: RequestOutput) -> ChatChunk:
+    metrics = out.metrics
+    ttft = metrics.ttft if metrics else None
+    rate = None
+    if metrics and metrics.first_token_time is not None and out.num_tokens > 1:
+        last = metrics.last_token_time or metrics.first_token_time
+        if last > metrics.first_token_time:
+            rate = (out.num_tokens - 1) / (last - metrics.first_token_time)
+    return ChatChunk(
+        request_id=out.request_id,
+        delta=out.delta_text,
+        text=out.text,
+        num_tokens=out.num_tokens,
+        num_prompt_tokens=len(out.prompt_token_ids),
+        finished=out.finished,
+        finish_reason=out.finish_reason,
+        error=out.error,
+        ttft_s=ttft,
+        tokens_per_s=rate,
+        num_cached_tokens=metrics.num_cached_tokens if metrics else 0,
+    )
+
+
+class LocalEngineClient:
+    """The in-process engine (`AsyncLLM`): it steps in its own thread, so awaiting a stream
+    never blocks the UI on a forward pass."""
+
+    def __init__(self, llm: AsyncLLM) -> None:
+        self._llm = llm
+        state = llm.state()
+        self._config = {
+            **dataclasses.asdict(llm.config),
+            "device": state.device,
+            "dtype": state.dtype,
+            "num_kv_blocks": state.kv_blocks_total,
+        }
+
+    @classmethod
+    def load(cls, model: str, **options: Any) -> LocalEngineClient:
+        """Build the engine (blocking: imports torch and loads weights; run it in a worker)."""
+        from engine.llm import AsyncLLM
+
+        return cls(AsyncLLM(model, **options))
+
+    @property
+    def model_name(self) -> str:
+        return self._llm.state().model
+
+    @property
+    def engine_config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    async def chat(
+        self, messages: list[ChatMessage], params: ChatParams, request_id: str
+    ) -> AsyncIterator[ChatChunk]:
+        from engine.config import SamplingParams
+
+        sampling = SamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            ignore_eos=params.ignore_eos,
+        )
+        async for out in self._llm.chat(messages, sampling, request_id=request_id):
+            yield _chunk(out)
+
+    def abort(self, request_id: str) -> bool:
+        return self._llm.abort(request_id)
+
+    def state(self) -> EngineState:
+        return self._llm.state()
+
+    def close(self) -> None:
+        self._llm.shutdown()
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine failed to load; the message says why, in one line."""
+
+
+class EngineHandle:
+    """The engine slot the app fills once the model has loaded (in a worker).
+
+    Panels hold the handle from the start, so the UI is usable while the model loads: a reply
+    asked for early simply awaits `wait()`.
+    """
+
+    def __init__(self, model: str, options: dict[str, Any] | None = None) -> None:
+        self.model = model  # what was asked for; the client's model_name once ready
+        self.options = dict(options or {})  # the engine options asked for
+        self.client: EngineClient | None = None
+        self.error: str | None = None
+        self._settled = asyncio.Event()
+
+    @property
+    def status(self) -> EngineStatus:
+        if self.client is not None:
+            return "ready"
+        return "failed" if self.error is not None else "loading"
+
+    def set_ready(self, client: EngineClient) -> None:
+        self.client, self.error = client, None
+        self._settled.set()
+
+    def set_failed(self, error: str) -> None:
+        self.client, self.error = None, error
+        self._settled.set()
+
+    async def wait(self) -> EngineClient:
+        await self._settled.wait()
+        if self.client is None:
+            raise EngineUnavailable(self.error or "the engine is not available")
+        return self.client
+
+    def state(self) -> EngineState | None:
+        return self.client.state() if self.client is not None else None

@@ -1,0 +1,169 @@
+"""One chat's current branch and settings, kept in SQLite as it changes. No widgets here.
+
+Invariant: every turn that has been shown has a row in the store (once the session exists), and a
+turn's parent is the turn before it; editing or regenerating starts a sibling branch in the store
+while the in-memory list holds only the branch on screen.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from panels.client import ChatChunk, ChatMessage, ChatParams
+from store import Store
+
+TurnStatus = Literal["complete", "streaming", "cancelled", "error", "interrupted"]
+TITLE_CHARS = 48
+SAVE_INTERVAL_S = 0.1  # a streaming reply is saved at most ~10 times a second
+
+
+@dataclass
+class Turn:
+    role: Literal["user", "assistant"]
+    content: str
+    message_id: int | None = None
+    status: TurnStatus = "complete"
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def title_from(prompt: str) -> str:
+    line = next((ln.strip() for ln in prompt.splitlines() if ln.strip()), "New chat")
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
+
+
+def reply_stats(chunk: ChatChunk | None, params: ChatParams, elapsed_s: float) -> dict[str, Any]:
+    """What is saved (and shown) under a reply."""
+    stats: dict[str, Any] = {"sampling": params.to_dict(), "elapsed_s": round(elapsed_s, 4)}
+    if chunk is not None:
+        stats.update(
+            tokens=chunk.num_tokens,
+            prompt_tokens=chunk.num_prompt_tokens,
+            cached_tokens=chunk.num_cached_tokens,
+            finish_reason=chunk.finish_reason,
+            request_id=chunk.request_id,
+        )
+        if chunk.ttft_s is not None:
+            stats["ttft_s"] = round(chunk.ttft_s, 4)
+        if chunk.tokens_per_s is not None:
+            stats["tokens_per_s"] = round(chunk.tokens_per_s, 2)
+        if chunk.error:
+            stats["error"] = chunk.error
+    return stats
+
+
+class Conversation:
+    """The branch a chat shows, its sampling parameters and system prompt, and its session row."""
+
+    def __init__(self, store: Store, params: ChatParams, system_prompt: str = "") -> None:
+        self.store = store
+        self.params = params
+        self.system_prompt = system_prompt
+        self.session_id: int | None = None
+        self.title = "New chat"
+        self.turns: list[Turn] = []
+        self._session_system_prompt: str | None = None
+        self._last_save: dict[int, float] = {}
+
+    @classmethod
+    def resume(cls, store: Store, session_id: int, default: ChatParams) -> Conversation:
+        """A saved session's current branch; a reply left 'streaming' by a crash is interrupted."""
+        session = store.get_session(session_id)
+        try:
+            params = ChatParams.from_dict(session.sampling, default)
+        except (TypeError, ValueError):
+            params = default
+        conv = cls(store, params, session.system_prompt or "")
+        conv.session_id = session.id
+        conv.title = session.title
+        conv._session_system_prompt = session.system_prompt or ""
+        for m in store.messages(session_id):
+            if m.role not in ("user", "assistant"):
+                continue
+            status: TurnStatus = "interrupted" if m.status == "streaming" else m.status
+            conv.turns.append(Turn(m.role, m.content, m.id, status, dict(m.stats)))
+        return conv
+
+    # -- what the engine sees ------------------------------------------------------------------
+
+    def engine_messages(self, upto: int | None = None) -> list[ChatMessage]:
+        """System prompt + turns[:upto], for the chat template. Failed replies are left out."""
+        out: list[ChatMessage] = []
+        if self.system_prompt.strip():
+            out.append({"role": "system", "content": self.system_prompt})
+        for turn in self.turns[:upto]:
+            if turn.role == "assistant" and turn.status == "error" and not turn.content:
+                continue
+            out.append({"role": turn.role, "content": turn.content})
+        return out
+
+    # -- changes (each one saved at once) ------------------------------------------------------
+
+    def set_params(self, params: ChatParams) -> None:
+        self.params = params
+        if self.session_id is not None:
+            self.store.update_session_sampling(self.session_id, params.to_dict())
+
+    def start_turn(
+        self, prompt: str, model: str, engine_config: dict[str, Any], replace: int | None = None
+    ) -> Turn:
+        """Append a user turn (replacing turns[replace:], the edit-and-resend case) and an empty
+        streaming reply under it; returns the reply."""
+        if replace is not None:
+            del self.turns[replace:]
+        if self.session_id is None:
+            self.title = title_from(prompt)
+            self.session_id = self.store.create_session(
+                self.title, model, engine_config, self.params.to_dict(), self.system_prompt or None
+            )
+            self._session_system_prompt = self.system_prompt
+        parent = self.turns[-1].message_id if self.turns else None
+        user = Turn("user", prompt)
+        user.message_id = self.store.add_message(self.session_id, "user", prompt, parent)
+        self.turns.append(user)
+        return self._start_reply()
+
+    def start_regenerate(self, index: int) -> Turn:
+        """Drop turns[index:] (a reply and what followed) and start a sibling reply."""
+        if not (0 < index < len(self.turns)) or self.turns[index].role != "assistant":
+            raise ValueError("only a reply can be regenerated")
+        del self.turns[index:]
+        return self._start_reply()
+
+    def _start_reply(self) -> Turn:
+        assert self.session_id is not None
+        parent = self.turns[-1].message_id
+        reply = Turn("assistant", "", status="streaming")
+        reply.message_id = self.store.add_message(
+            self.session_id, "assistant", "", parent, status="streaming"
+        )
+        self.turns.append(reply)
+        return reply
+
+    def save_partial(self, reply: Turn, text: str, force: bool = False) -> bool:
+        """Save a streaming reply's text so far, at most every SAVE_INTERVAL_S."""
+        assert reply.message_id is not None
+        reply.content = text
+        now = time.monotonic()
+        if not force and now - self._last_save.get(reply.message_id, 0.0) < SAVE_INTERVAL_S:
+            return False
+        self._last_save[reply.message_id] = now
+        self.store.update_message(reply.message_id, content=text)
+        return True
+
+    def finish_reply(
+        self, reply: Turn, text: str, status: TurnStatus, stats: dict[str, Any]
+    ) -> None:
+        assert reply.message_id is not None
+        if self.system_prompt != (self._session_system_prompt or ""):
+            stats = {**stats, "system_prompt": self.system_prompt}
+        reply.content, reply.status, reply.stats = text, status, stats
+        db_status = "cancelled" if status == "interrupted" else status
+        self.store.update_message(reply.message_id, content=text, stats=stats, status=db_status)
+        self._last_save.pop(reply.message_id, None)
+
+    def rename(self, title: str) -> None:
+        self.title = title
+        if self.session_id is not None:
+            self.store.rename_session(self.session_id, title)

@@ -1,0 +1,146 @@
+"""The Monitor panel: GPU (or CPU and RAM), the KV cache and the batch, live at 2 Hz or faster.
+
+It reads only the engine's published `EngineState` snapshots and the hardware source; sampling
+the hardware runs in a worker thread, so a slow driver call never stalls the UI.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
+from textual.widgets import Static
+
+from panels.client import EngineHandle
+from panels.hardware import HardwareSample, HardwareSource, SystemHardware
+from panels.widgets import shown
+from panels.widgets.batch_view import BatchView
+from panels.widgets.block_map import OwnerColors
+from panels.widgets.hardware_view import HardwareView
+from panels.widgets.kv_view import KvView
+
+if TYPE_CHECKING:
+    from engine.state import EngineState
+
+HELP = """\
+## Monitor
+
+What the engine and the machine are doing, sampled every half second or faster.
+
+- **GPU** (through NVML): per GPU utilization, memory used / total, power, temperature, SM clock
+  and the processes on it, with history. Without an NVIDIA GPU it says so and shows CPU and RAM.
+- **KV cache**: blocks total / used / cached / free, usage and prefix-hit-rate history, and the
+  block map: one cell per block (or per group of blocks when there are many) coloured by the
+  request that owns it. `▓` marks blocks shared by several requests (a prefix-cache hit), `▒` free
+  blocks that still hold a cached prefix, `·` free blocks. Send from two chats at once to watch
+  pages being allocated, shared and freed.
+- **Batch**: running, waiting and preempted requests (prompt length, generated tokens, blocks
+  held, tokens/s), the composition of the last steps (prefill-chunk tokens vs decode tokens) and
+  the prompt and generation throughput.
+- **p** pauses the display to look at a moment closely, and resumes it (no samples are taken
+  while paused).
+"""
+
+
+class MonitorPanel(VerticalScroll):
+    HELP: ClassVar[str] = HELP
+    BINDINGS = [Binding("p", "toggle_pause", "Pause", id="monitor.pause")]
+
+    def __init__(
+        self,
+        handle: EngineHandle,
+        hardware: HardwareSource | None = None,
+        interval: float | None = 0.5,
+        **kwargs: str,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.handle = handle
+        self.hardware = hardware  # None: this machine, opened on the first sample
+        self.interval = interval  # None: no polling (tests call record())
+        self.paused = False
+        self.owner_colors = OwnerColors()
+        self.last_state: EngineState | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="monitor-status")
+        with Horizontal(id="monitor-columns"):
+            with Vertical(id="monitor-left"):
+                yield HardwareView(id="monitor-hardware", classes="monitor-box")
+                yield KvView(self.owner_colors, id="monitor-kv", classes="monitor-box")
+            yield BatchView(self.owner_colors, id="monitor-batch", classes="monitor-box")
+
+    def on_mount(self) -> None:
+        self._show_status()
+        if self.interval:
+            self.set_interval(self.interval, self.poll)
+
+    @property
+    def step_s(self) -> float:
+        return self.interval or 0.5
+
+    def poll(self) -> None:
+        """One sample: the engine's snapshot now, the hardware from a worker thread."""
+        if self.paused:
+            return
+        state = self.handle.state()
+        if state is not None:
+            self.record(None, state)
+        else:
+            self._show_status()
+        self._sample_hardware()
+
+    @work(thread=True, exclusive=True, group="monitor-hardware", exit_on_error=False)
+    def _sample_hardware(self) -> None:
+        if self.hardware is None:
+            self.hardware = SystemHardware()
+        sample = self.hardware.sample()
+        self.app.call_from_thread(self.record, sample, None)
+
+    def record(self, hardware: HardwareSample | None, state: EngineState | None) -> None:
+        """Add a sample to the histories, and show it if the panel is on screen."""
+        if hardware is not None:
+            self.query_one(HardwareView).add(hardware)
+        if state is not None:
+            self.last_state = state
+            self.query_one(KvView).add(state)
+            self.query_one(BatchView).add(state)
+        if shown(self):
+            self.show(hardware is not None, state is not None)
+
+    def show(self, hardware: bool = True, engine: bool = True) -> None:
+        """Bring the widgets up to date with the latest samples (the app calls this when the
+        panel comes into view)."""
+        if hardware:
+            self.query_one(HardwareView).show()
+        state = self.last_state
+        if engine and state is not None:
+            self.owner_colors.update([r.request_id for r in state.running])
+            self.query_one(KvView).show(state, self.step_s)
+            self.query_one(BatchView).show(state, self.step_s)
+        self._show_status()
+
+    def _show_status(self) -> None:
+        status = self.query_one("#monitor-status", Static)
+        if self.paused:
+            status.update("[$warning]paused[/]: p resumes")
+        elif self.handle.status == "loading":
+            status.update(f"[$text-muted]loading model {self.handle.model}…[/]")
+        elif self.handle.status == "failed":
+            status.update(
+                f"[$error]the engine failed to load: {escape(self.handle.error or '')}[/]"
+            )
+        status.display = self.paused or self.handle.status != "ready"
+
+    def action_toggle_pause(self) -> None:
+        self.paused = not self.paused
+        for view in self.query(".monitor-box"):
+            view.set_class(self.paused, "-paused")
+        self._show_status()
+
+    def on_unmount(self) -> None:
+        if self.hardware is not None:
+            self.hardware.close()

@@ -1,0 +1,337 @@
+"""One chat: its messages, the prompt input, and the reply streaming into it.
+
+Invariant: `_views[i]` shows `conv.turns[i]`; at most one reply streams per chat (several chats
+stream at once, which is how the engine's batching shows in the monitor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+from textual import work
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.markup import escape
+from textual.message import Message
+from textual.widgets import Input, Markdown, Static
+from textual.worker import Worker
+
+from panels.client import ChatChunk, ChatParams, EngineHandle, EngineUnavailable
+from panels.conversation import Conversation, Turn, TurnStatus, reply_stats
+from panels.format import clean_text, code_blocks
+from panels.widgets.dialogs import Pick
+from panels.widgets.message import MessageView
+
+_request_ids = itertools.count(1)
+RENDER_INTERVAL_S = 0.1  # how often a streaming reply's Markdown is extended
+
+
+class ChatView(Vertical):
+    """A conversation with the engine; the chat panel shows one ChatView at a time."""
+
+    class Updated(Message):
+        """The chat's title, session or streaming state changed."""
+
+        def __init__(self, view: ChatView) -> None:
+            super().__init__()
+            self.view = view
+
+    class SessionSaved(Message):
+        """A turn was written to the store (the sessions list may refresh)."""
+
+        def __init__(self, session_id: int) -> None:
+            super().__init__()
+            self.session_id = session_id
+
+    def __init__(self, number: int, conv: Conversation, handle: EngineHandle) -> None:
+        super().__init__(id=f"chat-{number}", classes="chat-view")
+        self.number = number
+        self.conv = conv
+        self.handle = handle
+        self.request_id: str | None = None  # the engine request streaming now
+        self.editing: int | None = None  # index of the user turn being edited
+        self._views: list[MessageView] = []
+        self._reply: Worker[None] | None = None
+
+    # -- layout --------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Static("", classes="chat-header")
+        with VerticalScroll(classes="chat-messages", can_focus=False):
+            yield Static(
+                "[$text-muted]Type a message below; Enter sends. F1 lists every key.[/]",
+                classes="chat-empty",
+            )
+            for index, turn in enumerate(self.conv.turns):
+                view = MessageView(turn, index)
+                self._views.append(view)
+                yield view
+        yield Static("", classes="chat-edit-hint")
+        yield Input(placeholder="Message (Enter sends)", classes="chat-prompt")
+
+    def on_mount(self) -> None:
+        self.messages.anchor()
+        self.refresh_header()
+
+    @property
+    def messages(self) -> VerticalScroll:
+        return self.query_one(".chat-messages", VerticalScroll)
+
+    @property
+    def prompt(self) -> Input:
+        return self.query_one(".chat-prompt", Input)
+
+    @property
+    def streaming(self) -> bool:
+        return self._reply is not None
+
+    @property
+    def label(self) -> str:
+        mark = "● " if self.streaming else ""
+        title = self.conv.title if len(self.conv.title) <= 14 else self.conv.title[:13] + "…"
+        return f"{mark}{self.number}. {title}"
+
+    def refresh_header(self) -> None:
+        parts = [f"[b]Chat {self.number}[/b]", escape(self.conv.title)]
+        if self.conv.session_id is not None:
+            parts.append(f"[$text-muted]session #{self.conv.session_id}[/]")
+        parts.append(f"[$text-muted]{self.conv.params.describe()}[/]")
+        if self.streaming:
+            parts.append("[$success]● replying[/]")
+        self.query_one(".chat-header", Static).update(" · ".join(parts))
+        self.query_one(".chat-empty").display = not self.conv.turns
+        hint = self.query_one(".chat-edit-hint", Static)
+        hint.display = self.editing is not None
+        if self.editing is not None:
+            hint.update(
+                f"[$warning]Editing message {self.editing + 1}[/]: Enter resends it as a new "
+                "branch (the old one stays in the session) · Esc stops editing"
+            )
+
+    def _changed(self) -> None:
+        self.refresh_header()
+        self.post_message(self.Updated(self))
+
+    # -- turns ---------------------------------------------------------------------------------
+
+    def _truncate_views(self, n: int) -> None:
+        for view in self._views[n:]:
+            view.remove()
+        del self._views[n:]
+
+    def _append_view(self, turn: Turn) -> MessageView:
+        view = MessageView(turn, len(self._views))
+        self._views.append(view)
+        self.messages.mount(view)
+        self.messages.anchor()
+        return view
+
+    def apply_settings(self, params: ChatParams, system_prompt: str) -> None:
+        self.conv.system_prompt = system_prompt
+        if params != self.conv.params:
+            self.conv.set_params(params)
+        self.refresh_header()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.send(event.value)
+
+    def send(self, text: str) -> bool:
+        """Send a prompt (or resend an edited one). False if it was not sent."""
+        if not text.strip():
+            return False
+        if self.streaming:
+            self.notify("This chat is still replying: Esc cancels it, Ctrl+N opens another chat.")
+            return False
+        replace, self.editing = self.editing, None
+        reply = self.conv.start_turn(text, *self._engine_info(), replace=replace)
+        self._truncate_views(len(self.conv.turns) - 2)
+        self._append_view(self.conv.turns[-2])
+        self.prompt.value = ""
+        self._start_reply(reply)
+        return True
+
+    def regenerate(self, index: int | None = None) -> None:
+        """Generate the reply at `index` (default: the last one) again, as a new branch."""
+        if self.streaming:
+            self.notify("Wait for the reply to finish, or cancel it with Esc.")
+            return
+        if index is None:
+            index = len(self.conv.turns) - 1
+        if index < 1 or index >= len(self.conv.turns) or self.conv.turns[index].role != "assistant":
+            self.notify("There is no reply to regenerate yet.", severity="warning")
+            return
+        reply = self.conv.start_regenerate(index)
+        self._truncate_views(index)
+        self._start_reply(reply)
+
+    def edit(self, index: int | None = None) -> None:
+        """Put a prompt (default: the last one) back in the input; Enter resends it."""
+        if self.streaming:
+            self.notify("Wait for the reply to finish, or cancel it with Esc.")
+            return
+        users = [i for i, t in enumerate(self.conv.turns) if t.role == "user"]
+        if index is None:
+            if not users:
+                self.notify("There is no message to edit yet.", severity="warning")
+                return
+            index = users[-1]
+        self.editing = index
+        self.prompt.value = self.conv.turns[index].content
+        self.prompt.focus()
+        self.refresh_header()
+
+    def stop_editing(self) -> bool:
+        if self.editing is None:
+            return False
+        self.editing = None
+        self.prompt.value = ""
+        self.refresh_header()
+        return True
+
+    def cancel(self) -> bool:
+        """Cancel the streaming reply (its KV blocks are freed). False if none streams."""
+        if self._reply is None:
+            return False
+        client = self.handle.client
+        if self.request_id is not None and client is not None:
+            client.abort(self.request_id)  # the stream ends with finish_reason "abort"
+        else:
+            self._reply.cancel()  # still waiting for the model: nothing in the engine yet
+        return True
+
+    def copy(self, index: int | None = None) -> None:
+        turn = self._turn(index, "assistant")
+        if turn is None:
+            self.notify("Nothing to copy yet.", severity="warning")
+            return
+        self.app.copy_to_clipboard(turn.content)
+        self.notify(f"Copied the {turn.role} message ({len(turn.content)} characters).")
+
+    def copy_code(self, index: int | None = None) -> None:
+        turn = self._turn(index, "assistant")
+        blocks = code_blocks(turn.content) if turn else []
+        if not blocks:
+            self.notify("That message has no code block.", severity="warning")
+            return
+        if len(blocks) == 1:
+            self._copy_block(blocks[0])
+            return
+        items = [f"{i + 1}. {(b.splitlines() or [''])[0][:60]}" for i, b in enumerate(blocks)]
+
+        def picked(choice: object) -> None:
+            if isinstance(choice, int):
+                self._copy_block(blocks[choice])
+
+        self.app.push_screen(Pick("Copy which code block?", items), picked)
+
+    def _copy_block(self, code: str) -> None:
+        self.app.copy_to_clipboard(code)
+        self.notify(f"Copied a code block ({len(code.splitlines())} lines).")
+
+    def _turn(self, index: int | None, role: str) -> Turn | None:
+        if index is not None:
+            return self.conv.turns[index]
+        return next((t for t in reversed(self.conv.turns) if t.role == role), None)
+
+    def on_message_view_requested(self, event: MessageView.Requested) -> None:
+        event.stop()
+        index = event.view.index
+        actions = {
+            "copy": self.copy,
+            "copy_code": self.copy_code,
+            "edit": self.edit,
+            "regenerate": self.regenerate,
+        }
+        actions[event.action](index)
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    def _engine_info(self) -> tuple[str, dict[str, Any]]:
+        client = self.handle.client
+        if client is not None:
+            return client.model_name, client.engine_config
+        return self.handle.model, dict(self.handle.options)
+
+    def _start_reply(self, reply: Turn) -> None:
+        messages = self.conv.engine_messages(upto=len(self.conv.turns) - 1)
+        view = self._append_view(reply)
+        self._reply = self._stream(reply, view, messages, self.conv.params)
+        assert self.conv.session_id is not None
+        self.post_message(self.SessionSaved(self.conv.session_id))
+        self._changed()
+
+    @work(group="replies", exit_on_error=False)
+    async def _stream(
+        self,
+        reply: Turn,
+        view: MessageView,
+        messages: list[dict[str, str]],
+        params: ChatParams,
+    ) -> None:
+        start = time.monotonic()
+        text, last, error = "", None, None
+        status: TurnStatus = "complete"
+        stream = None
+        try:
+            if self.handle.status == "loading":
+                view.refresh_meta("waiting for the model to load…")
+            client = await self.handle.wait()
+            view.refresh_meta("waiting for the engine…")
+            self.request_id = f"chat{self.number}-{next(_request_ids)}"
+            stream = Markdown.get_stream(view.body)
+            shown, flushed_at = 0, 0.0  # characters of `text` in the Markdown widget, and when
+            async for chunk in client.chat(messages, params, self.request_id):
+                last = chunk
+                text = chunk.text
+                now = time.monotonic()
+                # Markdown re-lays out on every append: a few appends a second read as smooth
+                # streaming, and a chat that is not on screen catches up when it is.
+                if chunk.finished or (self.display and now - flushed_at >= RENDER_INTERVAL_S):
+                    await stream.write(clean_text(text[shown:]))
+                    shown, flushed_at = len(text), now
+                if chunk.finished:
+                    break
+                view.show_live(chunk)
+                self.conv.save_partial(reply, text)
+            reason = last.finish_reason if last else None
+            status = "cancelled" if reason == "abort" else "error" if reason == "error" else status
+            error = last.error if last else None
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except (ValueError, RuntimeError, EngineUnavailable) as e:
+            status, error = "error", str(e)
+        finally:
+            if stream is not None:
+                await stream.stop()
+                if view.body.source != clean_text(text):  # a stop string cut what was shown
+                    await view.body.update(clean_text(text))
+            self._finish(reply, view, text, status, last, params, error, start)
+
+    def _finish(
+        self,
+        reply: Turn,
+        view: MessageView,
+        text: str,
+        status: TurnStatus,
+        last: ChatChunk | None,
+        params: ChatParams,
+        error: str | None,
+        start: float,
+    ) -> None:
+        stats = reply_stats(last, params, time.monotonic() - start)
+        if error:
+            stats["error"] = error
+        self.conv.finish_reply(reply, text, status, stats)
+        self.request_id = None
+        self._reply = None
+        if view.is_attached:
+            view.refresh_meta()
+        if self.is_attached:
+            self._changed()
+            assert self.conv.session_id is not None
+            self.post_message(self.SessionSaved(self.conv.session_id))

@@ -1,0 +1,117 @@
+"""One chat message: who, the text as Markdown (streamed into while a reply arrives), its stats.
+
+Focus a message (Tab / Shift+Tab, or click) to copy it or one of its code blocks, to edit and
+resend a prompt, or to regenerate a reply.
+"""
+
+from __future__ import annotations
+
+import time
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.markup import escape
+from textual.message import Message
+from textual.widgets import Markdown, Static
+
+from panels.client import ChatChunk
+from panels.conversation import Turn
+from panels.format import clean_text, seconds, stats_line
+
+LIVE_INTERVAL_S = 0.25
+_STATUS_NOTE = {
+    "cancelled": "[$warning]cancelled[/]",
+    "interrupted": "[$warning]interrupted (the app stopped while it streamed)[/]",
+    "error": "[$error]error[/]",
+}
+
+
+class MessageView(Vertical, can_focus=True):
+    """A turn of the conversation. Posts `MessageView.Requested` for the chat to act on."""
+
+    BINDINGS = [
+        Binding("c", "request('copy')", "Copy", id="message.copy"),
+        Binding("k", "request('copy_code')", "Copy code", id="message.copy_code"),
+        Binding("e", "request('edit')", "Edit & resend", id="message.edit"),
+        Binding("r", "request('regenerate')", "Regenerate", id="message.regenerate"),
+    ]
+
+    class Requested(Message):
+        """The user asked for `action` (copy, copy_code, edit, regenerate) on a message."""
+
+        def __init__(self, view: MessageView, action: str) -> None:
+            super().__init__()
+            self.view = view
+            self.action = action
+
+    def __init__(self, turn: Turn, index: int) -> None:
+        super().__init__(classes=f"message -{turn.role}")
+        self.turn = turn
+        self.index = index
+        self.note = ""  # a transient status: waiting for the model, streaming...
+        self._live_at = 0.0
+
+    def compose(self) -> ComposeResult:
+        yield Static(self._header(), classes="msg-header", markup=True)
+        yield Markdown(clean_text(self.turn.content), classes="msg-body")
+        yield Static(self._stats(), classes="msg-stats", markup=True)
+
+    @property
+    def body(self) -> Markdown:
+        return self.query_one(".msg-body", Markdown)
+
+    def _header(self) -> str:
+        who = "You" if self.turn.role == "user" else "Assistant"
+        parts = [f"[b]{who}[/b]"]
+        if self.turn.status in _STATUS_NOTE:
+            parts.append(_STATUS_NOTE[self.turn.status])
+        return "  ".join(parts)
+
+    def _stats(self) -> str:
+        if self.note:
+            return f"[$text-muted]{self.note}[/]"
+        stats = self.turn.stats
+        line = stats_line(stats) if self.turn.role == "assistant" else ""
+        if stats.get("error"):
+            line = (line + " · " if line else "") + f"[$error]{escape(str(stats['error']))}[/]"
+        return f"[$text-muted]{line}[/]" if line else ""
+
+    def show_live(self, chunk: ChatChunk) -> None:
+        """Running stats while the reply streams (a few times a second: cheap for the UI)."""
+        now = time.monotonic()
+        if now - self._live_at < LIVE_INTERVAL_S:
+            return
+        self._live_at = now
+        parts = [f"{chunk.num_tokens} tok"]
+        if chunk.ttft_s is not None:
+            parts.append(f"TTFT {seconds(chunk.ttft_s)}")
+        if chunk.tokens_per_s is not None:
+            parts.append(f"{chunk.tokens_per_s:.1f} tok/s")
+        self.refresh_meta("streaming · " + " · ".join(parts) + " · Esc cancels")
+
+    def refresh_meta(self, note: str = "") -> None:
+        self.note = note
+        self.query_one(".msg-header", Static).update(self._header())
+        stats = self.query_one(".msg-stats", Static)
+        text = self._stats()
+        stats.update(text)
+        stats.display = bool(text)
+        if not note and self.has_focus:  # the status changed: regenerate may be allowed now
+            self.refresh_bindings()
+
+    def on_mount(self) -> None:
+        self.query_one(".msg-stats", Static).display = bool(self._stats())
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action != "request" or not parameters:
+            return True
+        what = parameters[0]
+        if what == "edit":
+            return self.turn.role == "user"
+        if what == "regenerate":
+            return self.turn.role == "assistant" and self.turn.status != "streaming"
+        return True
+
+    def action_request(self, action: str) -> None:
+        self.post_message(self.Requested(self, action))

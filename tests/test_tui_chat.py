@@ -1,0 +1,180 @@
+"""Pilot tests of the Chat panel against the real app and the real engine (no mocks)."""
+# ruff: noqa: F811  (pytest fixtures imported from test_tui_support are arguments here)
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_tui_support import (  # noqa: F401  (fixtures)
+    _isolated_home,
+    app_for,
+    engine_client,
+    run,
+    store,
+    tui_model,
+    wait_for,
+)
+from textual.widgets import Input
+
+from panels.chat import ChatPanel
+from panels.widgets.chat_view import ChatView
+from panels.widgets.message import MessageView
+
+
+def _chat(app) -> ChatPanel:
+    return app.query_one(ChatPanel)
+
+
+def test_send_streams_a_reply_and_saves_both_messages(tmp_path: Path, store, tui_model) -> None:
+    """The app loads the model itself (in a worker); a prompt sent at once waits for it."""
+    app = app_for(tmp_path, store, model=tui_model)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            chat = _chat(app)
+            assert isinstance(app.focused, Input) and app.focused is chat.active.prompt
+            await pilot.press(*"Hello", "space", *"there", "enter")
+            view = chat.active
+            await wait_for(pilot, lambda: not view.streaming, what="the reply")
+            assert app.handle.status == "ready"
+            messages = list(view.query(MessageView))
+            assert [m.turn.role for m in messages] == ["user", "assistant"]
+            reply = messages[1].turn
+            assert reply.status == "complete" and reply.content
+            assert messages[1].body.source == reply.content  # what streamed is what is saved
+
+    run(main())
+    [summary] = store.list_sessions()
+    assert summary.title == "Hello there" and summary.message_count == 2
+    session = store.get_session(summary.id)
+    assert session.sampling["temperature"] == 0.0 and session.engine_config["block_size"] == 4
+    user, assistant = store.messages(summary.id)
+    assert (user.role, user.content, user.status) == ("user", "Hello there", "complete")
+    assert assistant.role == "assistant" and assistant.parent_id == user.id
+    assert assistant.status == "complete" and assistant.content
+    stats = assistant.stats
+    assert (
+        stats["tokens"] >= 1
+        and stats["ttft_s"] > 0
+        and stats["finish_reason"]
+        in (
+            "stop",
+            "length",
+        )
+    )
+    assert stats["sampling"]["max_tokens"] == 16
+
+
+def test_escape_cancels_a_reply_and_frees_its_blocks(tmp_path: Path, store, engine_client) -> None:
+    app = app_for(tmp_path, store, engine_client, chat={"max_tokens": 400})
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            view = _chat(app).active
+            view.send("Tell me a long story")
+            await wait_for(pilot, lambda: len(view.conv.turns[-1].content) >= 4, what="tokens")
+            assert any(r.request_id == view.request_id for r in engine_client.state().running)
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: not view.streaming, what="the cancel")
+            reply = view.conv.turns[-1]
+            assert reply.status == "cancelled" and reply.stats["finish_reason"] == "abort"
+            assert reply.stats["tokens"] < 400
+            await wait_for(
+                pilot,
+                lambda: (
+                    not engine_client.state().running and engine_client.state().kv_blocks_used == 0
+                ),
+                what="the blocks to be freed",
+            )
+            saved = store.get_message(reply.message_id)
+            assert saved.status == "cancelled" and saved.content == reply.content
+
+    run(main())
+
+
+def test_regenerate_and_edit_keep_the_old_branches(tmp_path: Path, store, engine_client) -> None:
+    app = app_for(tmp_path, store, engine_client, chat={"temperature": 1.0, "max_tokens": 8})
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            view = _chat(app).active
+            await pilot.press(*"first", "enter")
+            await wait_for(pilot, lambda: not view.streaming, what="reply 1")
+            first_reply = view.conv.turns[1].message_id
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda: not view.streaming, what="the regenerated reply")
+            assert len(view.conv.turns) == 2 and view.conv.turns[1].message_id != first_reply
+            assert len(store.siblings(first_reply)) == 2
+            first_prompt = view.conv.turns[0].message_id
+            await pilot.press("up")  # in the empty input: edit the last prompt
+            assert view.editing == 0 and view.prompt.value == "first"
+            await pilot.press("end", "space", *"again", "enter")
+            await wait_for(pilot, lambda: not view.streaming, what="the edited reply")
+            assert view.conv.turns[0].content == "first again"
+            assert len(view.query(MessageView)) == 2
+            assert [m.content for m in store.siblings(first_prompt)] == ["first", "first again"]
+
+    run(main())
+
+
+def test_settings_sidebar_changes_the_next_reply(tmp_path: Path, store, engine_client) -> None:
+    app = app_for(tmp_path, store, engine_client)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            view = _chat(app).active
+            max_tokens = app.query_one("#param-max-tokens", Input)
+            max_tokens.value = "3"
+            await pilot.pause()
+            assert view.conv.params.max_tokens == 3
+            max_tokens.value = "0"  # invalid: marked, and the chat keeps 3
+            await pilot.pause()
+            assert max_tokens.has_class("-invalid") and view.conv.params.max_tokens == 3
+            max_tokens.value = "3"
+            app.query_one("#system-prompt").text = "Be brief."
+            await pilot.pause()
+            view.send("hi")
+            await wait_for(pilot, lambda: not view.streaming, what="the reply")
+            assert view.conv.turns[-1].stats["tokens"] <= 3
+            session = store.get_session(view.conv.session_id)
+            assert session.sampling["max_tokens"] == 3 and session.system_prompt == "Be brief."
+
+    run(main())
+
+
+def test_a_model_that_fails_to_load_says_why(tmp_path: Path, store) -> None:
+    app = app_for(tmp_path, store, model=str(tmp_path / "no-such-model"))
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            view = _chat(app).active
+            view.send("hello?")
+            await wait_for(pilot, lambda: not view.streaming, what="the failure")
+            reply = view.conv.turns[-1]
+            assert reply.status == "error" and "no-such-model" in reply.stats["error"]
+            assert "failed to load" in str(app.query_one("#status-bar").render())
+
+    run(main())
+
+
+def test_copy_a_reply_and_a_code_block(tmp_path: Path, store, engine_client) -> None:
+    app = app_for(tmp_path, store, engine_client)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            chat = _chat(app)
+            view: ChatView = chat.active
+            view.send("hi")
+            await wait_for(pilot, lambda: not view.streaming, what="the reply")
+            await pilot.press("ctrl+y")
+            assert app.clipboard == view.conv.turns[-1].content
+            reply_view = view.query(MessageView).last()
+            reply_view.turn.content = "Here:\n```python\nprint(1)\n```\nand\n```\nls\n```\n"
+            reply_view.focus()
+            await pilot.press("k")  # two blocks: a picker
+            await pilot.press("down", "enter")
+            assert app.clipboard == "ls"
+            await pilot.press("c")
+            assert app.clipboard == reply_view.turn.content
+
+    run(main())

@@ -1,0 +1,122 @@
+"""Pilot tests of the Sessions panel: list, search, open and resume, rename, delete, export."""
+# ruff: noqa: F811  (pytest fixtures imported from test_tui_support are arguments here)
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_tui_support import (  # noqa: F401  (fixtures)
+    _isolated_home,
+    app_for,
+    engine_client,
+    run,
+    store,
+    tui_model,
+    wait_for,
+)
+from textual.widgets import DataTable, Input
+
+from panels.chat import ChatPanel
+from panels.sessions import SessionsPanel
+from panels.widgets.dialogs import Confirm, TextPrompt
+from panels.widgets.message import MessageView
+
+
+def _crashed_session(store) -> int:
+    """A session whose last reply was still 'streaming' when the app died."""
+    other = store.create_session("Weather", "tiny", {}, {})
+    store.add_message(other, "user", "Will it rain tomorrow?")
+    sid = store.create_session("Pasta", "tiny", {}, {"temperature": 0.0, "max_tokens": 8})
+    user = store.add_message(sid, "user", "How long do I boil spaghetti?")
+    store.add_message(sid, "assistant", "About ten min", user, status="streaming")
+    return sid
+
+
+def test_open_resume_and_continue_a_crashed_session(tmp_path: Path, store, engine_client) -> None:
+    sid = _crashed_session(store)
+    app = app_for(tmp_path, store, engine_client)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("f4")
+            panel = app.query_one(SessionsPanel)
+            table = panel.query_one(DataTable)
+            await wait_for(pilot, lambda: table.row_count == 2, what="the list")
+            assert app.focused is table
+            assert panel.selected_session() == sid  # most recent activity first
+            await pilot.press("enter")
+            chat = app.query_one(ChatPanel)
+            await wait_for(pilot, lambda: chat.active.conv.session_id == sid, what="the open")
+            assert app.query_one("TabbedContent").active == "chat"
+            view = chat.active
+            assert len(chat.views) == 1  # the untouched first chat was replaced
+            user, reply = view.query(MessageView)
+            assert reply.turn.status == "interrupted" and "interrupted" in str(
+                reply.query_one(".msg-header").render()
+            )
+            assert view.conv.params.max_tokens == 8  # the session's own sampling
+            view.send("And linguine?")
+            await wait_for(pilot, lambda: not view.streaming, what="the resumed reply")
+
+    run(main())
+    branch = store.messages(sid)
+    assert [m.role for m in branch] == ["user", "assistant", "user", "assistant"]
+    assert branch[2].parent_id == branch[1].id and branch[3].status == "complete"
+
+
+def test_search_rename_export_and_delete(tmp_path: Path, store, engine_client) -> None:
+    sid = _crashed_session(store)
+    app = app_for(tmp_path, store, engine_client)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("f4")
+            panel = app.query_one(SessionsPanel)
+            table = panel.query_one(DataTable)
+            await wait_for(pilot, lambda: table.row_count == 2, what="the list")
+            await pilot.press("slash")
+            assert isinstance(app.focused, Input)
+            await pilot.press(*"spaghetti", "enter")
+            await wait_for(pilot, lambda: panel.query_text == "spaghetti" and table.row_count == 1)
+            assert "spaghetti" in str(table.get_row_at(0)[3])
+            assert panel.selected_session() == sid
+            await pilot.press("r")
+            assert isinstance(app.screen, TextPrompt)
+            app.screen.query_one(Input).value = "Cooking times"
+            await pilot.press("enter")
+            assert store.get_session(sid).title == "Cooking times"
+            await pilot.press("m", "j")
+            await app.workers.wait_for_complete()
+            md = tmp_path / "exports" / f"session-{sid}-cooking-times.md"
+            data = json.loads(md.with_suffix(".json").read_text())
+            assert "How long do I boil spaghetti?" in md.read_text()
+            assert data["session"]["title"] == "Cooking times" and len(data["messages"]) == 2
+            await pilot.press("slash", "escape")  # back to the whole list
+            await wait_for(pilot, lambda: not panel.query_text and table.row_count == 2)
+            await pilot.press("d")
+            assert isinstance(app.screen, Confirm)
+            await pilot.press("escape")  # no
+            assert store.count_sessions() == 2
+            await pilot.press("d", "y")
+            await wait_for(pilot, lambda: table.row_count == 1, what="the delete")
+            assert store.count_sessions() == 1
+
+    run(main())
+
+
+def test_a_new_chat_appears_in_the_sessions_list(tmp_path: Path, store, engine_client) -> None:
+    app = app_for(tmp_path, store, engine_client)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            view = app.query_one(ChatPanel).active
+            view.send("Remember me")
+            await wait_for(pilot, lambda: not view.streaming, what="the reply")
+            await pilot.press("f4")
+            table = app.query_one(SessionsPanel).query_one(DataTable)
+            await wait_for(pilot, lambda: table.row_count == 1, what="the list")
+            assert str(table.get_row_at(0)[1]) == "Remember me"
+            assert str(table.get_row_at(0)[3]) == "2"
+
+    run(main())
