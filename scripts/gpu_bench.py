@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -90,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         command = " ".join(["python3", "scripts/gpu_bench.py", *sys.argv[1:]])
         started = time.perf_counter()
-        report = run_benchmark(engine, bench, command)
+        try:
+            report = run_benchmark(engine, bench, command)
+        except Exception:  # one failed row must not lose the others
+            traceback.print_exc()
+            continue
+        finally:
+            torch.cuda.empty_cache()
         result = report["results"]
         row = {
             "card": card,
