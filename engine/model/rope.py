@@ -38,6 +38,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config, head_dim: int) -> None:
         super().__init__()
         inv_freq, self.scaling = inverse_frequencies(config, head_dim)
+        # transformers computes on the CPU; follow the device the model is being built on.
+        inv_freq = inv_freq.to(torch.empty(0).device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim // 2]
 
     def forward(
