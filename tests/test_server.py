@@ -365,6 +365,10 @@ def test_queue_limit_answers_429(llama_checkpoint):
             # Sent at once: whichever comes second finds the 2 slots taken by the other.
             assert asyncio.run(together(running.url)) == [200, 429]
             wait_idle(http)
+            deadline = time.monotonic() + 20  # the dropped stream gives its slots back
+            while app.state.ctx.admission.in_flight:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
             assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).is_success
             assert "workbench_request_rejected_total" in http.get("/metrics").text
     finally:

@@ -22,6 +22,7 @@ from engine.server.chat import create_chat_completion
 from engine.server.completions import create_completion
 from engine.server.context import ServerContext, ServerSettings
 from engine.server.errors import ERROR_RESPONSES, APIError, error_body
+from engine.server.examples import SSE_EVENT, chat_examples, completion_examples
 from engine.server.metrics import CONTENT_TYPE
 from engine.server.protocol import (
     ChatCompletionRequest,
@@ -40,7 +41,7 @@ _UNAUTHORIZED = {
     "description": "Missing or wrong API key",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
 }
-_SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+_SSE = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 
 class BearerAuth:
@@ -71,6 +72,7 @@ class BearerAuth:
 def create_app(llm: AsyncLLM, settings: ServerSettings, shutdown_engine: bool = False) -> FastAPI:
     """`shutdown_engine`: stop the engine when the app shuts down (the CLI's case)."""
     ctx = ServerContext(llm, settings)
+    model = settings.model_name
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -125,6 +127,7 @@ def create_app(llm: AsyncLLM, settings: ServerSettings, shutdown_engine: bool = 
         "/v1/completions",
         response_model=CompletionResponse,
         responses={**ERROR_RESPONSES, **_SSE},
+        openapi_extra=_examples(completion_examples(model)),
     )
     async def completions(body: CompletionRequest, raw: Request) -> Any:
         return await create_completion(ctx, body, raw)
@@ -133,12 +136,17 @@ def create_app(llm: AsyncLLM, settings: ServerSettings, shutdown_engine: bool = 
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
         responses={**ERROR_RESPONSES, **_SSE},
+        openapi_extra=_examples(chat_examples(model)),
     )
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Any:
         return await create_chat_completion(ctx, body, raw)
 
     app.openapi = lambda: _openapi(app, secured=bool(settings.api_key))  # type: ignore[method-assign]
     return app
+
+
+def _examples(examples: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"content": {"application/json": {"examples": examples}}}}
 
 
 def _card(ctx: ServerContext) -> ModelCard:

@@ -38,14 +38,15 @@ async def create_chat_completion(
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     prompt = ctx.prompts.chat(req.messages, req.chat_template_kwargs)
     spec = structured_spec(req)
-    requested = req.max_completion_tokens if req.max_completion_tokens is not None else None
-    param = "max_completion_tokens" if requested is not None else "max_tokens"
+    # OpenAI's newer name wins; the 400 names whichever field the client used.
+    newer = req.max_completion_tokens is not None
     max_tokens = resolve_max_tokens(
-        requested if requested is not None else req.max_tokens,
+        req.max_completion_tokens if newer else req.max_tokens,
         None,
         len(prompt),
         ctx.max_model_len,
-        param,
+        "max_completion_tokens" if newer else "max_tokens",
+        prompt_param="messages",
     )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, structured=spec)

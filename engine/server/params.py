@@ -108,7 +108,12 @@ def sampling_params(
 
 
 def resolve_max_tokens(
-    requested: int | None, default: int | None, prompt_len: int, max_model_len: int, param: str
+    requested: int | None,
+    default: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    param: str,
+    prompt_param: str = "prompt",
 ) -> int:
     """max_tokens to run with; 400 when the prompt alone, or prompt + max_tokens, is too long.
     `default` None: whatever room the context leaves."""
@@ -117,7 +122,7 @@ def resolve_max_tokens(
             400,
             f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
             f"{prompt_len}, leaving no room to generate. Please shorten the prompt.",
-            param="messages" if param == "max_completion_tokens" else "prompt",
+            param=prompt_param,
             code="context_length_exceeded",
         )
     if requested is None:
