@@ -25,10 +25,11 @@ store by a later version are listed here.
 """
 
 ABOUT = """\
-### Not available yet
+## Build engines: not available yet
 
 Building engines arrives with a later release. This panel has **no controls yet**: nothing here
-starts, queues or pretends to run a build.
+starts, queues or pretends to run a build. Meanwhile `workbench launch --model` serves a bundled
+model, a Hugging Face checkpoint directory or a Hub id as they are.
 
 When it arrives, a build will:
 

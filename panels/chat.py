@@ -43,10 +43,10 @@ class ChatPanel(Horizontal):
 
     HELP: ClassVar[str] = HELP
     BINDINGS = [
-        Binding("escape", "cancel", "Cancel reply", id="chat.cancel"),
+        Binding("escape", "cancel", "Cancel", id="chat.cancel", priority=True),
         Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
         Binding("ctrl+r", "regenerate", "Regenerate", id="chat.regenerate"),
-        Binding("ctrl+y", "copy_reply", "Copy reply", id="chat.copy"),
+        Binding("ctrl+y", "copy_reply", "Copy reply", id="chat.copy", show=False),
         Binding("ctrl+o", "toggle_settings", "Settings", id="chat.settings"),
         Binding("up", "edit_last", "Edit last prompt", id="chat.edit_last", show=False),
         Binding("alt+right", "next_chat", "Next chat", id="chat.next", show=False),
@@ -156,6 +156,9 @@ class ChatPanel(Horizontal):
         except (ValueError, LookupError):
             current = highlighted
         chat_list.highlighted = current
+        for view in views:
+            view.chats_open = len(views)
+            view.refresh_header()
 
     # -- events --------------------------------------------------------------------------------
 
@@ -194,6 +197,9 @@ class ChatPanel(Horizontal):
 
     def action_copy_code(self) -> None:
         self.active.copy_code()
+
+    def action_edit_last_prompt(self) -> None:
+        self.active.edit()
 
     def action_edit_last(self) -> None:
         focused = self.app.focused

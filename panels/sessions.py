@@ -51,8 +51,8 @@ def _slug(title: str) -> str:
 class SessionsPanel(Vertical):
     HELP: ClassVar[str] = HELP
     BINDINGS = [
-        Binding("slash", "focus_search", "Search", id="sessions.search"),
-        Binding("o", "open", "Open", id="sessions.open"),
+        Binding("slash", "focus_search", "Search", id="sessions.search", show=False),
+        Binding("o", "open", "Open", id="sessions.open", show=False),
         Binding("r", "rename", "Rename", id="sessions.rename"),
         Binding("d,delete", "delete", "Delete", id="sessions.delete"),
         Binding("m", "export('md')", "Export .md", id="sessions.export_markdown"),
@@ -154,14 +154,22 @@ class SessionsPanel(Vertical):
                     key=str(s.id),
                 )
             shown = f"{len(rows)} of {total}" if total > len(rows) else str(total)
-            info.update(f"{shown} sessions" if total else "No sessions yet: chats are saved here.")
+            info.update(
+                f"{shown} sessions · Enter opens one in Chat · / searches every message"
+                if total
+                else "No sessions yet: every chat is saved here as it streams."
+            )
         if not rows:
             self.query_one("#session-preview-text", Markdown).update("")
-        elif keep is not None:
+            return
+        if keep is not None:
             for i, row_key in enumerate(table.rows):
                 if str(row_key.value).split(":")[0] == str(keep):
                     table.move_cursor(row=i)
                     break
+        selected = self.selected_session()
+        if selected is not None:  # the cursor may not have moved: no RowHighlighted then
+            self._preview(selected)
 
     def selected_session(self) -> int | None:
         table = self.table

@@ -139,7 +139,7 @@ def test_build_panel_says_it_is_not_available(tmp_path: Path, store, engine_clie
             panel = app.query_one(BuildPanel)
             await app.workers.wait_for_complete()
             await pilot.pause()
-            assert "Not available yet" in panel.query_one(Markdown).source
+            assert "not available yet" in panel.query_one(Markdown).source
             assert not panel.query(Button)  # no controls that would do nothing
             table = panel.query_one("#build-history")
             assert table.row_count == 1 and str(table.get_row_at(0)[2]) == "fp8"

@@ -14,10 +14,10 @@ from test_tui_support import (  # noqa: F401  (fixtures)
     tui_model,
     wait_for,
 )
-from textual.widgets import Input
+from textual.widgets import DataTable, Input
 
 from panels.chat import ChatPanel
-from panels.widgets.chat_view import ChatView
+from panels.sessions import SessionsPanel
 from panels.widgets.message import MessageView
 
 
@@ -42,6 +42,10 @@ def test_send_streams_a_reply_and_saves_both_messages(tmp_path: Path, store, tui
             reply = messages[1].turn
             assert reply.status == "complete" and reply.content
             assert messages[1].body.source == reply.content  # what streamed is what is saved
+            await pilot.press("f4")  # the new session is listed
+            table = app.query_one(SessionsPanel).query_one(DataTable)
+            await wait_for(pilot, lambda: table.row_count == 1, what="the sessions list")
+            assert [str(c) for c in table.get_row_at(0)[1:4:2]] == ["Hello there", "2"]
 
     run(main())
     [summary] = store.list_sessions()
@@ -92,7 +96,7 @@ def test_escape_cancels_a_reply_and_frees_its_blocks(tmp_path: Path, store, engi
     run(main())
 
 
-def test_regenerate_and_edit_keep_the_old_branches(tmp_path: Path, store, engine_client) -> None:
+def test_regenerate_edit_and_copy(tmp_path: Path, store, engine_client) -> None:
     app = app_for(tmp_path, store, engine_client, chat={"temperature": 1.0, "max_tokens": 8})
 
     async def main() -> None:
@@ -113,6 +117,17 @@ def test_regenerate_and_edit_keep_the_old_branches(tmp_path: Path, store, engine
             assert view.conv.turns[0].content == "first again"
             assert len(view.query(MessageView)) == 2
             assert [m.content for m in store.siblings(first_prompt)] == ["first", "first again"]
+            # copy the reply, then a code block of a (doctored) reply
+            await pilot.press("ctrl+y")
+            assert app.clipboard == view.conv.turns[-1].content
+            reply_view = view.query(MessageView).last()
+            reply_view.turn.content = "Here:\n```python\nprint(1)\n```\nand\n```\nls\n```\n"
+            reply_view.focus()
+            await pilot.press("k")  # two blocks: a picker
+            await pilot.press("down", "enter")
+            assert app.clipboard == "ls"
+            await pilot.press("c")
+            assert app.clipboard == reply_view.turn.content
 
     run(main())
 
@@ -153,28 +168,5 @@ def test_a_model_that_fails_to_load_says_why(tmp_path: Path, store) -> None:
             reply = view.conv.turns[-1]
             assert reply.status == "error" and "no-such-model" in reply.stats["error"]
             assert "failed to load" in str(app.query_one("#status-bar").render())
-
-    run(main())
-
-
-def test_copy_a_reply_and_a_code_block(tmp_path: Path, store, engine_client) -> None:
-    app = app_for(tmp_path, store, engine_client)
-
-    async def main() -> None:
-        async with app.run_test(size=(120, 40)) as pilot:
-            chat = _chat(app)
-            view: ChatView = chat.active
-            view.send("hi")
-            await wait_for(pilot, lambda: not view.streaming, what="the reply")
-            await pilot.press("ctrl+y")
-            assert app.clipboard == view.conv.turns[-1].content
-            reply_view = view.query(MessageView).last()
-            reply_view.turn.content = "Here:\n```python\nprint(1)\n```\nand\n```\nls\n```\n"
-            reply_view.focus()
-            await pilot.press("k")  # two blocks: a picker
-            await pilot.press("down", "enter")
-            assert app.clipboard == "ls"
-            await pilot.press("c")
-            assert app.clipboard == reply_view.turn.content
 
     run(main())

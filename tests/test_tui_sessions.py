@@ -103,20 +103,3 @@ def test_search_rename_export_and_delete(tmp_path: Path, store, engine_client) -
             assert store.count_sessions() == 1
 
     run(main())
-
-
-def test_a_new_chat_appears_in_the_sessions_list(tmp_path: Path, store, engine_client) -> None:
-    app = app_for(tmp_path, store, engine_client)
-
-    async def main() -> None:
-        async with app.run_test(size=(120, 40)) as pilot:
-            view = app.query_one(ChatPanel).active
-            view.send("Remember me")
-            await wait_for(pilot, lambda: not view.streaming, what="the reply")
-            await pilot.press("f4")
-            table = app.query_one(SessionsPanel).query_one(DataTable)
-            await wait_for(pilot, lambda: table.row_count == 1, what="the list")
-            assert str(table.get_row_at(0)[1]) == "Remember me"
-            assert str(table.get_row_at(0)[3]) == "2"
-
-    run(main())

@@ -37,6 +37,7 @@ from workbench.settings import Settings, SettingsError, config_path, settings_fr
 
 PANELS = ("chat", "monitor", "sessions", "build")
 STATUS_INTERVAL_S = 0.5
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class WorkbenchApp(App[int]):
@@ -86,7 +87,7 @@ class WorkbenchApp(App[int]):
                 yield SessionsPanel(self.store, self.settings.exports_dir)
             with TabPane("Build (F5)", id="build"):
                 yield BuildPanel(self.store)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         if self.settings.theme in self.available_themes:
@@ -145,14 +146,15 @@ class WorkbenchApp(App[int]):
         else:
             state = handle.state()
             config = handle.client.engine_config if handle.client else {}
-            where = f"{config.get('device', '?')} · {config.get('dtype', '?')}"
-            text = f"[$success]●[/] [b]{name}[/b] [$text-muted]{where}[/]"
+            text = f"[$success]●[/] [b]{name}[/b] [$text-muted]{config.get('device', '?')}"
+            text += f" {config.get('dtype', '?')}[/]"
             if state is not None:
                 text += (
-                    f" · running {len(state.running)} · waiting {len(state.waiting)}"
-                    f" · KV {state.kv_blocks_used}/{state.kv_blocks_total} blocks"
+                    f" · {len(state.running)} running · {len(state.waiting)} waiting"
+                    f" · KV {state.kv_blocks_used}/{state.kv_blocks_total}"
                 )
-        bar.update(f"[b]Workbench[/b] │ {text}")
+        brand = "[b]Workbench[/b] │ " if self.size.width >= 100 else ""
+        bar.update(brand + text, layout=False)
 
     # -- panels --------------------------------------------------------------------------------
 
@@ -251,7 +253,7 @@ class WorkbenchApp(App[int]):
             (
                 "Chat: edit last prompt",
                 "Edit and resend the last prompt (↑)",
-                chat.action_edit_last,
+                chat.action_edit_last_prompt,
             ),
             ("Chat: copy reply", "Copy the last reply (Ctrl+Y)", chat.action_copy_reply),
             ("Chat: copy code block", "Copy a code block of the last reply", chat.action_copy_code),
@@ -301,6 +303,10 @@ def run_app(args: Any) -> int:
     except StoreError as e:
         print(f"workbench: {e}", file=sys.stderr)
         return 1
+    # The engine thread gives up the GIL for every torch op and must win it back each time; while
+    # the UI renders, the default 5 ms switch interval makes each of those waits up to 5 ms and
+    # slows engine steps several-fold on a small CPU. 1 ms keeps the engine fed.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     app = WorkbenchApp(settings, store)
     try:
         app.run()

@@ -55,6 +55,7 @@ class ChatView(Vertical):
         self.editing: int | None = None  # index of the user turn being edited
         self._views: list[MessageView] = []
         self._reply: Worker[None] | None = None
+        self.chats_open = 1  # how many chats the panel has (the header says how to switch)
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -96,6 +97,8 @@ class ChatView(Vertical):
 
     def refresh_header(self) -> None:
         parts = [f"[b]Chat {self.number}[/b]", escape(self.conv.title)]
+        if self.chats_open > 1:
+            parts[0] += f" [$text-muted](of {self.chats_open}: Alt+←/→)[/]"
         if self.conv.session_id is not None:
             parts.append(f"[$text-muted]session #{self.conv.session_id}[/]")
         parts.append(f"[$text-muted]{self.conv.params.describe()}[/]")

@@ -12,11 +12,12 @@ from panels.format import human_bytes
 from panels.hardware import GpuSample, HardwareSample
 from panels.widgets.history import History, spark
 
-LABEL = 5  # width of the row labels ("util ", "mem  ")
+LABEL = 6  # width of the row labels ("util  ", "procs ")
+VALUE = 24  # width of the values, so that the sparklines line up
 
 
 class HardwareView(Widget):
-    DEFAULT_CSS = "HardwareView { height: auto; }"
+    DEFAULT_CSS = "HardwareView { width: 1fr; height: auto; }"
 
     def __init__(self, **kwargs: str) -> None:
         super().__init__(**kwargs)
@@ -91,6 +92,7 @@ class HardwareView(Widget):
         text: Text, label: str, value: str, history: History, width: int, top: float, last=False
     ) -> None:
         text.append(f"{label:<{LABEL}}", style="bold")
+        value = value.ljust(VALUE)
         text.append(value)
         room = width - LABEL - len(value)
         if room >= 8:
