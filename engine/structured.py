@@ -14,7 +14,8 @@ JSON is generated compactly (`{"a": 1, "b": [2, 3]}`, no free whitespace): small
 tend to emit whitespace forever, and the output is the same JSON value either way. Compact JSON
 never holds a raw control character, so JSON rows also mask every token with a byte below 0x20:
 xgrammar 0.2's length-bounded strings (`maxLength`) would let them through, and strict parsers
-reject them.
+reject them. Likewise every row masks UTF-16 surrogates written as UTF-8 (0xED then 0xA0-0xBF),
+which xgrammar counts as one character but which detokenize to three U+FFFD.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -88,10 +89,12 @@ class StructuredSpec:
 class RequestGrammar:
     """One request's matcher. `error` is set when the grammar could not go on."""
 
-    def __init__(self, matcher: Any, is_json: bool) -> None:
+    def __init__(self, matcher: Any, is_json: bool, ends_ed: frozenset[int]) -> None:
         self.matcher = matcher
         self.is_json = is_json
         self.error: str | None = None
+        self._ends_ed = ends_ed
+        self.after_ed = False  # the last token ended with 0xED: no 0xA0-0xBF may follow
 
     def accept(self, token_id: int) -> bool:
         """Advance by the token the request took; True when the request must stop here: the
@@ -101,7 +104,18 @@ class RequestGrammar:
         if not self.matcher.accept_token(token_id):
             self.error = f"the grammar rejected token {token_id}"
             return True
+        self.after_ed = token_id in self._ends_ed
         return bool(self.matcher.is_terminated())
+
+
+class _TokenMasks(NamedTuple):
+    """Fixed per-vocabulary masks, packed [words] int32 like xgrammar's bitmask rows."""
+
+    keep: torch.Tensor  # every token but specials that are not stops, and inner surrogates
+    keep_json: torch.Tensor  # keep, less the tokens holding a control byte
+    stops: torch.Tensor  # only the stop tokens
+    after_ed: torch.Tensor  # all, less the tokens that start with a byte in 0xA0-0xBF
+    ends_ed: frozenset[int]  # tokens whose bytes end with 0xED
 
 
 class GrammarBackend:
@@ -117,9 +131,7 @@ class GrammarBackend:
         self.stop_token_ids = [t for t in stop_token_ids if 0 <= t < vocab_size]
         self._lock = threading.Lock()
         self._compiler: Any = None
-        self._keep: torch.Tensor | None = None  # [words] int32: specials that are not stops off
-        self._keep_json: torch.Tensor | None = None  # [words] int32: also control bytes off
-        self._stop_bits: torch.Tensor | None = None  # [words] int32: only the stop tokens on
+        self._masks: _TokenMasks | None = None
         self._bitmask: torch.Tensor | None = None  # [rows, words] int32, grown on demand
 
     def _xgr(self) -> Any:
@@ -141,7 +153,7 @@ class GrammarBackend:
                 self._compiler = xgr.GrammarCompiler(
                     info, max_threads=1, cache_limit_bytes=COMPILE_CACHE_BYTES
                 )
-                self._keep, self._keep_json, self._stop_bits = self._fixed_masks(info)
+                self._masks = self._fixed_masks(info)
             return self._compiler
 
     def compile(self, spec: StructuredSpec) -> Any:
@@ -163,8 +175,10 @@ class GrammarBackend:
             raise ValueError(f"invalid {spec.kind.replace('_', ' ')}: {reason}") from None
 
     def matcher(self, spec: StructuredSpec) -> RequestGrammar:
+        compiled = self.compile(spec)
+        assert self._masks is not None
         is_json = spec.kind in ("json_schema", "json_object")
-        return RequestGrammar(self._xgr().GrammarMatcher(self.compile(spec)), is_json)
+        return RequestGrammar(self._xgr().GrammarMatcher(compiled), is_json, self._masks.ends_ed)
 
     def apply(self, logits: torch.Tensor, grammars: Sequence[RequestGrammar | None]) -> None:
         """Mask, in place, the tokens each constrained row's grammar forbids next.
@@ -177,8 +191,8 @@ class GrammarBackend:
             return
         xgr = self._xgr()
         self._get_compiler()
-        assert self._keep is not None and self._keep_json is not None
-        assert self._stop_bits is not None
+        fixed = self._masks
+        assert fixed is not None
         bitmask = self._rows(len(grammars))  # [num_rows, words] int32, CPU
         for i in rows:
             grammar = grammars[i]
@@ -189,13 +203,17 @@ class GrammarBackend:
                 bitmask[i] = 0
                 grammar.error = _CPP_PREFIX.sub("", str(exc).strip())
         index = torch.tensor(rows, dtype=torch.long)
+        constrained = [g for g in grammars if g is not None]
         keep = torch.stack(
-            [self._keep_json if g is not None and g.is_json else self._keep for g in grammars]
-        ).index_select(0, index)  # [len(rows), words]
+            [fixed.keep_json if g.is_json else fixed.keep for g in constrained]
+        )  # [len(rows), words]
+        after_ed = [j for j, g in enumerate(constrained) if g.after_ed]
+        if after_ed:
+            keep[after_ed] &= fixed.after_ed
         masks = bitmask.index_select(0, index) & keep  # [len(rows), words]
         dead = (masks == 0).all(dim=-1)  # [len(rows)] bool
         if bool(dead.any()):
-            masks[dead] = self._stop_bits
+            masks[dead] = fixed.stops
             for i, is_dead in zip(rows, dead.tolist(), strict=True):
                 grammar = grammars[i]
                 if is_dead and grammar is not None and grammar.error is None:
@@ -213,27 +231,31 @@ class GrammarBackend:
             self._bitmask = self._xgr().allocate_token_bitmask(max(num_rows, 8), self.vocab_size)
         return self._bitmask[:num_rows]
 
-    def _fixed_masks(self, info: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (keep, keep for JSON, only the stop tokens), packed. Special tokens other than the
-        stop tokens never match grammar text: the detokenizer drops them, so the text would no
-        longer be what the grammar accepted."""
+    def _fixed_masks(self, info: Any) -> _TokenMasks:
+        """Special tokens other than the stop tokens never match grammar text: the detokenizer
+        drops them, so the text would no longer be what the grammar accepted."""
         special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
         for token_id, added in (getattr(self.tokenizer, "added_tokens_decoder", {}) or {}).items():
             if getattr(added, "special", False):
                 special.add(token_id)
         stops = set(self.stop_token_ids)
+        vocab: list[bytes] = list(info.decoded_vocab)[: self.vocab_size]
         keep = torch.ones(self.vocab_size, dtype=torch.bool)
+        inner_surrogate = re.compile(rb"\xed[\xa0-\xbf]")
         drop = [t for t in special - stops if 0 <= t < self.vocab_size]
-        if drop:
-            keep[drop] = False
+        drop += [i for i, b in enumerate(vocab) if i not in stops and inner_surrogate.search(b)]
+        keep[drop] = False
         keep_json = keep.clone()
-        control = [i for i, b in enumerate(info.decoded_vocab) if b and min(b) < 0x20]
-        control = [i for i in control if i < self.vocab_size and i not in stops]
-        if control:
-            keep_json[control] = False
+        control = [i for i, b in enumerate(vocab) if b and min(b) < 0x20 and i not in stops]
+        keep_json[control] = False
         only_stops = torch.zeros(self.vocab_size, dtype=torch.bool)
         only_stops[self.stop_token_ids] = True
-        return _pack(keep), _pack(keep_json), _pack(only_stops)
+        after_ed = torch.ones(self.vocab_size, dtype=torch.bool)
+        after_ed[[i for i, b in enumerate(vocab) if b and 0xA0 <= b[0] <= 0xBF]] = False
+        ends_ed = frozenset(i for i, b in enumerate(vocab) if b.endswith(b"\xed"))
+        return _TokenMasks(
+            _pack(keep), _pack(keep_json), _pack(only_stops), _pack(after_ed), ends_ed
+        )
 
 
 def _pack(bits: torch.Tensor) -> torch.Tensor:

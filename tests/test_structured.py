@@ -125,3 +125,25 @@ def test_pack_matches_xgrammar_bit_layout():
     backend = GrammarBackend(None, 70, [1])
     with pytest.raises(ValueError, match="tokenizer"):
         backend.compile(StructuredSpec.json_object())
+
+
+def test_surrogates_and_control_bytes_are_masked(llm):
+    # xgrammar admits 0xED 0xA0.. (a UTF-16 surrogate, invalid UTF-8, detokenized as three
+    # U+FFFD) and, in bounded strings, raw control bytes; the backend masks both.
+    backend = llm.engine.grammars
+    string = backend.matcher(StructuredSpec.json_schema({"type": "string", "maxLength": 4}))
+    regex = backend.matcher(StructuredSpec.regex(r"[^a]+"))
+    assert not string.accept(ord('"'))  # accept() says whether the request must stop
+    assert not string.accept(0xED) and not regex.accept(0xED)
+    logits = torch.zeros(3, 256)
+    backend.apply(logits, [string, None, regex])
+    allowed = [set((row > float("-inf")).nonzero().flatten().tolist()) for row in logits]
+    for row in (allowed[0], allowed[2]):
+        assert set(range(0x80, 0xA0)) <= row and not row & set(range(0xA0, 0xC0))
+    assert allowed[1] == set(range(256))
+    fresh = backend.matcher(StructuredSpec.json_schema({"type": "string", "maxLength": 4}))
+    fresh.accept(ord('"'))
+    logits = torch.zeros(1, 256)
+    backend.apply(logits, [fresh])
+    allowed = set((logits[0] > float("-inf")).nonzero().flatten().tolist())
+    assert ord("a") in allowed and not allowed & set(range(0x20))
