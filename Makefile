@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup lint format bench clean
+.PHONY: run test setup lint format bench screenshots clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -33,6 +33,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/workbench bench --model tiny --num-requests 32 --compare hf
+
+screenshots: $(STAMP)
+	$(BIN)/python scripts/screenshots.py --model tiny --out screenshots
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
