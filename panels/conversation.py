@@ -64,6 +64,7 @@ class Conversation:
         self.title = "New chat"
         self.turns: list[Turn] = []
         self._session_system_prompt: str | None = None
+        self._engine: tuple[str, dict[str, Any]] | None = None  # as the session row has it
         self._last_save: dict[int, float] = {}
 
     @classmethod
@@ -78,6 +79,7 @@ class Conversation:
         conv.session_id = session.id
         conv.title = session.title
         conv._session_system_prompt = session.system_prompt or ""
+        conv._engine = (session.model, session.engine_config)
         for m in store.messages(session_id):
             if m.role not in ("user", "assistant"):
                 continue
@@ -118,18 +120,28 @@ class Conversation:
                 self.title, model, engine_config, self.params.to_dict(), self.system_prompt or None
             )
             self._session_system_prompt = self.system_prompt
+            self._engine = (model, engine_config)
+        else:
+            self.note_engine(model, engine_config)
         parent = self.turns[-1].message_id if self.turns else None
         user = Turn("user", prompt)
         user.message_id = self.store.add_message(self.session_id, "user", prompt, parent)
         self.turns.append(user)
         return self._start_reply()
 
-    def start_regenerate(self, index: int) -> Turn:
+    def start_regenerate(self, index: int, model: str, engine_config: dict[str, Any]) -> Turn:
         """Drop turns[index:] (a reply and what followed) and start a sibling reply."""
         if not (0 < index < len(self.turns)) or self.turns[index].role != "assistant":
             raise ValueError("only a reply can be regenerated")
+        self.note_engine(model, engine_config)
         del self.turns[index:]
         return self._start_reply()
+
+    def note_engine(self, model: str, engine_config: dict[str, Any]) -> None:
+        """A resumed chat that goes on with another model or engine config records it."""
+        if self.session_id is not None and self._engine != (model, engine_config):
+            self.store.update_session_engine(self.session_id, model, engine_config)
+            self._engine = (model, engine_config)
 
     def _start_reply(self) -> Turn:
         assert self.session_id is not None

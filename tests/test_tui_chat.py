@@ -27,7 +27,7 @@ def _chat(app) -> ChatPanel:
 
 def test_send_streams_a_reply_and_saves_both_messages(tmp_path: Path, store, tui_model) -> None:
     """The app loads the model itself (in a worker); a prompt sent at once waits for it."""
-    app = app_for(tmp_path, store, model=tui_model)
+    app = app_for(tmp_path, store, model=tui_model, chat={"max_tokens": 96, "ignore_eos": True})
 
     async def main() -> None:
         async with app.run_test(size=(120, 40)) as pilot:
@@ -35,6 +35,10 @@ def test_send_streams_a_reply_and_saves_both_messages(tmp_path: Path, store, tui
             assert isinstance(app.focused, Input) and app.focused is chat.active.prompt
             await pilot.press(*"Hello", "space", *"there", "enter")
             view = chat.active
+            reply_view = view.query(MessageView).last()
+            appends: list[str] = []  # the pieces the reply's Markdown grew by
+            append = reply_view.body.append
+            reply_view.body.append = lambda text: appends.append(text) or append(text)
             await wait_for(pilot, lambda: not view.streaming, what="the reply")
             assert app.handle.status == "ready"
             messages = list(view.query(MessageView))
@@ -42,6 +46,7 @@ def test_send_streams_a_reply_and_saves_both_messages(tmp_path: Path, store, tui
             reply = messages[1].turn
             assert reply.status == "complete" and reply.content
             assert messages[1].body.source == reply.content  # what streamed is what is saved
+            assert len(appends) >= 2 and reply.content.endswith("".join(appends))  # it streamed
             await pilot.press("f4")  # the new session is listed
             table = app.query_one(SessionsPanel).query_one(DataTable)
             await wait_for(pilot, lambda: table.row_count == 1, what="the sessions list")
@@ -66,7 +71,7 @@ def test_send_streams_a_reply_and_saves_both_messages(tmp_path: Path, store, tui
             "length",
         )
     )
-    assert stats["sampling"]["max_tokens"] == 16
+    assert stats["sampling"]["max_tokens"] == 96
 
 
 def test_escape_cancels_a_reply_and_frees_its_blocks(tmp_path: Path, store, engine_client) -> None:
@@ -78,6 +83,8 @@ def test_escape_cancels_a_reply_and_frees_its_blocks(tmp_path: Path, store, engi
             view.send("Tell me a long story")
             await wait_for(pilot, lambda: len(view.conv.turns[-1].content) >= 4, what="tokens")
             assert any(r.request_id == view.request_id for r in engine_client.state().running)
+            saved = store.get_message(view.conv.turns[-1].message_id)  # saved as it streams
+            assert saved.status == "streaming" and saved.content
             await pilot.press("escape")
             await wait_for(pilot, lambda: not view.streaming, what="the cancel")
             reply = view.conv.turns[-1]
@@ -90,8 +97,10 @@ def test_escape_cancels_a_reply_and_frees_its_blocks(tmp_path: Path, store, engi
                 ),
                 what="the blocks to be freed",
             )
+            partial = saved.content
             saved = store.get_message(reply.message_id)
             assert saved.status == "cancelled" and saved.content == reply.content
+            assert reply.content.startswith(partial)
 
     run(main())
 

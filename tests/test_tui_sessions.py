@@ -63,6 +63,7 @@ def test_open_resume_and_continue_a_crashed_session(tmp_path: Path, store, engin
     branch = store.messages(sid)
     assert [m.role for m in branch] == ["user", "assistant", "user", "assistant"]
     assert branch[2].parent_id == branch[1].id and branch[3].status == "complete"
+    assert store.get_session(sid).engine_config["num_kv_blocks"] == 128  # it went on here
 
 
 def test_search_rename_export_and_delete(tmp_path: Path, store, engine_client) -> None:

@@ -87,7 +87,7 @@ def run(coro: Any) -> Any:
 
 
 async def wait_for(
-    pilot: Pilot[Any], condition: Callable[[], bool], timeout: float = 20.0, what: str = ""
+    pilot: Pilot[Any], condition: Callable[[], bool], timeout: float = 60.0, what: str = ""
 ) -> None:
     """Let the app run until `condition()` holds (real engine: no fixed sleeps)."""
     deadline = time.monotonic() + timeout

@@ -8,12 +8,12 @@ usable at once ("loading model…" until it is ready); the panels reach it throu
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.css.query import NoMatches
@@ -99,14 +99,18 @@ class WorkbenchApp(App[int]):
         if self._injected is not None:
             self.handle.set_ready(self._injected)
         else:
-            self._load_engine()
+            self._start_loading()
         self.set_interval(STATUS_INTERVAL_S, self.refresh_status)
         self.refresh_status()
         self.query_one(ChatPanel).focus_prompt()
 
     # -- the engine ----------------------------------------------------------------------------
 
-    @work(thread=True, exclusive=True, group="engine", exit_on_error=False)
+    def _start_loading(self) -> None:
+        # A daemon thread rather than a @work thread worker: those run in the event loop's
+        # executor, which is joined at exit, so quitting while a model loads would wait for it.
+        threading.Thread(target=self._load_engine, name="engine-load", daemon=True).start()
+
     def _load_engine(self) -> None:
         try:
             client = LocalEngineClient.load(self.settings.model, **self.settings.engine)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ from panels.conversation import Conversation, Turn, TurnStatus, reply_stats
 from panels.format import clean_text, code_blocks
 from panels.widgets.dialogs import Pick
 from panels.widgets.message import MessageView
+from store import StoreError
 
 _request_ids = itertools.count(1)
 RENDER_INTERVAL_S = 0.1  # how often a streaming reply's Markdown is extended
@@ -55,6 +57,7 @@ class ChatView(Vertical):
         self.editing: int | None = None  # index of the user turn being edited
         self._views: list[MessageView] = []
         self._reply: Worker[None] | None = None
+        self._save_failed = False
         self.chats_open = 1  # how many chats the panel has (the header says how to switch)
 
     # -- layout --------------------------------------------------------------------------------
@@ -149,8 +152,12 @@ class ChatView(Vertical):
         if self.streaming:
             self.notify("This chat is still replying: Esc cancels it, Ctrl+N opens another chat.")
             return False
-        replace, self.editing = self.editing, None
-        reply = self.conv.start_turn(text, *self._engine_info(), replace=replace)
+        try:
+            reply = self.conv.start_turn(text, *self._engine_info(), replace=self.editing)
+        except (StoreError, sqlite3.Error) as e:
+            self.notify(f"Not sent: the session store failed ({e}).", severity="error")
+            return False
+        self.editing = None
         self._truncate_views(len(self.conv.turns) - 2)
         self._append_view(self.conv.turns[-2])
         self.prompt.value = ""
@@ -167,7 +174,11 @@ class ChatView(Vertical):
         if index < 1 or index >= len(self.conv.turns) or self.conv.turns[index].role != "assistant":
             self.notify("There is no reply to regenerate yet.", severity="warning")
             return
-        reply = self.conv.start_regenerate(index)
+        try:
+            reply = self.conv.start_regenerate(index, *self._engine_info())
+        except (StoreError, sqlite3.Error) as e:
+            self.notify(f"Not regenerated: the session store failed ({e}).", severity="error")
+            return
         self._truncate_views(index)
         self._start_reply(reply)
 
@@ -184,6 +195,7 @@ class ChatView(Vertical):
             index = users[-1]
         self.editing = index
         self.prompt.value = self.conv.turns[index].content
+        self.prompt.cursor_position = len(self.prompt.value)
         self.prompt.focus()
         self.refresh_header()
 
@@ -276,6 +288,7 @@ class ChatView(Vertical):
         params: ChatParams,
     ) -> None:
         start = time.monotonic()
+        self._save_failed = False
         text, last, error = "", None, None
         status: TurnStatus = "complete"
         stream = None
@@ -299,7 +312,7 @@ class ChatView(Vertical):
                 if chunk.finished:
                     break
                 view.show_live(chunk)
-                self.conv.save_partial(reply, text)
+                self._save_partial(reply, text)
             reason = last.finish_reason if last else None
             status = "cancelled" if reason == "abort" else "error" if reason == "error" else status
             error = last.error if last else None
@@ -315,6 +328,14 @@ class ChatView(Vertical):
                     await view.body.update(clean_text(text))
             self._finish(reply, view, text, status, last, params, error, start)
 
+    def _save_partial(self, reply: Turn, text: str) -> None:
+        try:
+            self.conv.save_partial(reply, text)
+        except (StoreError, sqlite3.Error) as e:
+            if not self._save_failed:  # say it once per reply, keep streaming
+                self._save_failed = True
+                self.notify(f"Saving the reply failed ({e}); it goes on.", severity="warning")
+
     def _finish(
         self,
         reply: Turn,
@@ -329,7 +350,11 @@ class ChatView(Vertical):
         stats = reply_stats(last, params, time.monotonic() - start)
         if error:
             stats["error"] = error
-        self.conv.finish_reply(reply, text, status, stats)
+        try:
+            self.conv.finish_reply(reply, text, status, stats)
+        except (StoreError, sqlite3.Error) as e:
+            reply.content, reply.status, reply.stats = text, status, stats
+            self.notify(f"The reply could not be saved ({e}).", severity="error")
         self.request_id = None
         self._reply = None
         if view.is_attached:
