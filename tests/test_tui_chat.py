@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from test_tui_support import (  # noqa: F401  (fixtures)
     _isolated_home,
     app_for,
@@ -14,7 +15,7 @@ from test_tui_support import (  # noqa: F401  (fixtures)
     tui_model,
     wait_for,
 )
-from textual.widgets import DataTable, Input
+from textual.widgets import DataTable, Input, Markdown
 
 from panels.chat import ChatPanel
 from panels.sessions import SessionsPanel
@@ -25,8 +26,15 @@ def _chat(app) -> ChatPanel:
     return app.query_one(ChatPanel)
 
 
-def test_send_streams_a_reply_and_saves_both_messages(tmp_path: Path, store, tui_model) -> None:
+def test_send_streams_a_reply_and_saves_both_messages(
+    tmp_path: Path, store, tui_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The app loads the model itself (in a worker); a prompt sent at once waits for it."""
+    appends: list[tuple[Markdown, str]] = []  # every piece any Markdown widget grew by
+    append = Markdown.append
+    monkeypatch.setattr(
+        Markdown, "append", lambda md, text: appends.append((md, text)) or append(md, text)
+    )
     app = app_for(tmp_path, store, model=tui_model, chat={"max_tokens": 96, "ignore_eos": True})
 
     async def main() -> None:
@@ -35,10 +43,6 @@ def test_send_streams_a_reply_and_saves_both_messages(tmp_path: Path, store, tui
             assert isinstance(app.focused, Input) and app.focused is chat.active.prompt
             await pilot.press(*"Hello", "space", *"there", "enter")
             view = chat.active
-            reply_view = view.query(MessageView).last()
-            appends: list[str] = []  # the pieces the reply's Markdown grew by
-            append = reply_view.body.append
-            reply_view.body.append = lambda text: appends.append(text) or append(text)
             await wait_for(pilot, lambda: not view.streaming, what="the reply")
             assert app.handle.status == "ready"
             messages = list(view.query(MessageView))
@@ -46,7 +50,8 @@ def test_send_streams_a_reply_and_saves_both_messages(tmp_path: Path, store, tui
             reply = messages[1].turn
             assert reply.status == "complete" and reply.content
             assert messages[1].body.source == reply.content  # what streamed is what is saved
-            assert len(appends) >= 2 and reply.content.endswith("".join(appends))  # it streamed
+            pieces = [text for widget, text in appends if widget is messages[1].body]
+            assert len(pieces) >= 2 and "".join(pieces) == reply.content  # it streamed
             await pilot.press("f4")  # the new session is listed
             table = app.query_one(SessionsPanel).query_one(DataTable)
             await wait_for(pilot, lambda: table.row_count == 1, what="the sessions list")
