@@ -136,3 +136,26 @@ def test_dummy_weights_are_copied_into_the_hf_model(llama_checkpoint):
     token = ours.token_ids[0]
     assert token == int(logprobs.argmax())
     assert ours.logprobs[0].logprob == pytest.approx(float(logprobs[token]), abs=1e-4)
+
+
+def test_speculative_bench_runs_both_ways_and_stays_lossless(llama_checkpoint, capsys, tmp_path):
+    argv = [
+        "--model", str(llama_checkpoint), "--num-requests", "3", "--input-len", "12",
+        "--output-len", "10", "--concurrency", "3", "--block-size", "4",
+        "--speculative", "draft", "--draft-model", str(llama_checkpoint), "--spec-tokens", "3",
+    ]  # fmt: skip
+    report, printed = run_bench(capsys, tmp_path, *argv)
+    assert report["same_tokens"] == report["num_requests"] == 3
+    spec = report["results"]["spec"]
+    assert spec["acceptance_rate"] == 1.0  # the target drafting for itself
+    assert spec["num_accepted"] == spec["num_proposed"] > 0
+    assert report["speedup"] == pytest.approx(
+        report["results"]["output_tok_s"] / report["plain"]["output_tok_s"]
+    )
+    assert "speedup" in printed and "acceptance 100.0%" in printed
+
+
+def test_bad_speculative_option_is_a_one_line_error(capsys):
+    assert main(["bench", "--speculative", "ngram", "--spec-tokens", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("workbench: error:") and "num_tokens" in err and "\n" not in err

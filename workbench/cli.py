@@ -70,6 +70,13 @@ def add_engine_args(parser: argparse.ArgumentParser, model_default: str | None =
         choices=("auto", "dummy"),
         help="auto: the checkpoint's weights; dummy: random weights at its shapes",
     )
+    g.add_argument(
+        "--speculative",
+        choices=("ngram", "draft"),
+        help="speculative decoding: prompt-lookup n-grams or a draft model",
+    )
+    g.add_argument("--spec-tokens", type=int, default=4, help="draft tokens per step (4)")
+    g.add_argument("--draft-model", default="tiny-draft", help="for --speculative draft")
 
 
 _ENGINE_FIELDS = (
@@ -89,6 +96,11 @@ _ENGINE_FIELDS = (
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The one place engine options become an EngineConfig (which validates them)."""
     values = {name: getattr(args, name, None) for name in _ENGINE_FIELDS}
+    method = getattr(args, "speculative", None)
+    if method is not None:
+        values["speculative"] = {"method": method, "num_tokens": args.spec_tokens}
+        if method == "draft":
+            values["speculative"]["model"] = args.draft_model
     return EngineConfig(**{k: v for k, v in values.items() if v is not None})
 
 
@@ -214,8 +226,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     config = engine_config_from_args(args)
-    report = run_benchmark(config, bench_config, command=args.command_line)
-    print(format_report(report))
+    if config.speculative:
+        # With speculation the same requests also run without it, for the speedup.
+        from engine.bench_spec import format_speculative_report, run_speculative_benchmark
+
+        report = run_speculative_benchmark(
+            dataclasses.replace(config, speculative=None),
+            bench_config,
+            config.speculative,
+            command=args.command_line,
+        )
+        print(format_speculative_report(report))
+    else:
+        report = run_benchmark(config, bench_config, command=args.command_line)
+        print(format_report(report))
     path = args.json_out or default_report_path()
     try:
         written = write_report(report, path)
