@@ -11,6 +11,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
 from panels.format import seconds
+from panels.widgets import QuietStatic
 from panels.widgets.block_map import GLYPH_OWNED, OwnerColors
 from panels.widgets.history import History
 from panels.widgets.plots import HistoryPlot
@@ -29,6 +30,8 @@ class BatchView(Vertical):
         self.owner_colors = colors
         self.prompt_tp = History()
         self.gen_tp = History()
+        self._statics = QuietStatic()
+        self._rows: list[tuple[Text | str, ...]] = []
 
     def compose(self) -> ComposeResult:
         yield Static("waiting for the engine…", classes="batch-summary")
@@ -62,10 +65,10 @@ class BatchView(Vertical):
         ):
             summary.append(f"{name} ", style="dim")
             summary.append(f"{len(group)}  ", style="bold")
-        summary.append(f"· step {state.step} · preemptions {state.num_preemptions}")
-        self.query_one(".batch-summary", Static).update(summary)
+        summary.append(f"\nstep {state.step} · {state.num_preemptions} preemptions so far")
+        self._statics.update(self.query_one(".batch-summary", Static), summary)
         self._table([*state.running, *state.waiting, *state.preempted])
-        self.query_one(".batch-last-step", Static).update(self._last_step(state))
+        self._statics.update(self.query_one(".batch-last-step", Static), self._last_step(state))
         self.query_one(StepBars).show(
             [StepColumn(s.prefill_tokens, s.decode_tokens) for s in state.recent_steps]
         )
@@ -74,20 +77,26 @@ class BatchView(Vertical):
         )
 
     def _table(self, requests: list[RequestState]) -> None:
-        table: DataTable[str | Text] = self.query_one(DataTable)
-        table.clear()
-        for r in requests:
-            color = self.owner_colors.color(r.request_id) if r.state == "running" else "dim"
-            table.add_row(
-                Text.assemble((f"{GLYPH_OWNED} ", color), r.request_id),
+        rows = [
+            (
+                Text.assemble((f"{GLYPH_OWNED} ", self._color(r)), r.request_id),
                 r.state,
                 str(r.prompt_len),
                 str(r.generated),
                 str(r.blocks_held),
                 f"{r.tokens_per_s:.1f}" if r.tokens_per_s else "–",
             )
-        if not requests:
-            table.add_row(Text("idle: no requests", style="dim"), "", "", "", "", "")
+            for r in requests
+        ] or [(Text("idle: no requests", style="dim"), "", "", "", "", "")]
+        if rows == self._rows:  # an idle engine: nothing to redo
+            return
+        self._rows = rows
+        table: DataTable[str | Text] = self.query_one(DataTable)
+        table.clear()
+        table.add_rows(rows)
+
+    def _color(self, r: RequestState) -> str:
+        return self.owner_colors.color(r.request_id) if r.state == "running" else "dim"
 
     @staticmethod
     def _last_step(state: EngineState) -> Text:
@@ -100,9 +109,15 @@ class BatchView(Vertical):
         text.append(f"{step.prefill_tokens}", style=f"bold {PREFILL_STYLE}")
         text.append(" prefill + ")
         text.append(f"{step.decode_tokens}", style=f"bold {DECODE_STYLE}")
-        text.append(f" decode tokens · batch {step.batch_size} · {seconds(step.duration_s)}")
+        text.append(" decode tokens")
+        text.append(f"\nbatch {step.batch_size} · {seconds(step.duration_s)}")
         text.append(
-            f"\nthroughput: prompt {state.prompt_throughput:.1f} tok/s · "
+            f"\nthroughput: prompt {state.prompt_throughput:.1f} · "
             f"generation {state.generation_throughput:.1f} tok/s"
         )
+        if state.spec_acceptance_rate is not None:
+            text.append(
+                f"\nspeculation: acceptance {100 * state.spec_acceptance_rate:.1f}% · "
+                f"{state.spec_mean_accepted:.2f} tokens per verify step"
+            )
         return text
