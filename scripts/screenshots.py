@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+MAX_TOKENS = 240  # ignore_eos: both replies run this long, so the monitor catches them batched
 PROMPTS = (
     "Explain in two sentences why a paged KV cache helps batching.",
     "Write a haiku about a GPU.",
@@ -40,7 +41,7 @@ def default_model() -> str:
     return str(path)
 
 
-async def until(pilot, condition: Callable[[], bool], timeout: float = 120.0) -> None:
+async def until(pilot, condition: Callable[[], bool], timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -60,7 +61,9 @@ async def shoot(model: str, out: Path, size: tuple[int, int], home: Path) -> lis
 
     settings = Settings(
         model=model,
-        chat=ChatParams(temperature=0.7, top_p=0.95, max_tokens=160, seed=1, ignore_eos=True),
+        chat=ChatParams(
+            temperature=0.7, top_p=0.95, max_tokens=MAX_TOKENS, seed=1, ignore_eos=True
+        ),
         engine={"block_size": 8, "num_kv_blocks": 192},
         monitor_interval=0.25,
         db_path=home / "workbench.db",
@@ -91,9 +94,16 @@ async def shoot(model: str, out: Path, size: tuple[int, int], home: Path) -> lis
             second.send(PROMPTS[1])
             await pilot.press("f3")
             monitor = app.query_one(MonitorPanel)
-            await until(pilot, lambda: monitor.last_state and len(monitor.last_state.running) == 2)
-            await pilot.pause(2.0)  # some history in the plots
+
+            def halfway() -> bool:  # both still running, with some history in the plots
+                state = monitor.last_state
+                running = state.running if state else ()
+                return len(running) == 2 and min(r.generated for r in running) >= MAX_TOKENS // 2
+
+            await until(pilot, halfway)
+            monitor.action_toggle_pause()  # hold that moment (on a GPU the replies end fast)
             await save("monitor")
+            monitor.action_toggle_pause()
             await until(pilot, lambda: not first.streaming and not second.streaming)
             await pilot.press("f2")
             chat.switch_to(first)

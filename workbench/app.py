@@ -90,6 +90,11 @@ class WorkbenchApp(App[int]):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
+        # The engine thread gives up the GIL for every torch op and must win it back each time;
+        # while the UI renders, the default 5 ms switch interval makes each of those waits up to
+        # 5 ms, and engine steps run several times slower on a small CPU. 1 ms keeps it fed.
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, GIL_SWITCH_INTERVAL_S))
         if self.settings.theme in self.available_themes:
             self.theme = self.settings.theme
         else:
@@ -103,6 +108,9 @@ class WorkbenchApp(App[int]):
         self.set_interval(STATUS_INTERVAL_S, self.refresh_status)
         self.refresh_status()
         self.query_one(ChatPanel).focus_prompt()
+
+    def on_unmount(self) -> None:
+        sys.setswitchinterval(self._switch_interval)
 
     # -- the engine ----------------------------------------------------------------------------
 
@@ -307,10 +315,6 @@ def run_app(args: Any) -> int:
     except StoreError as e:
         print(f"workbench: {e}", file=sys.stderr)
         return 1
-    # The engine thread gives up the GIL for every torch op and must win it back each time; while
-    # the UI renders, the default 5 ms switch interval makes each of those waits up to 5 ms and
-    # slows engine steps several-fold on a small CPU. 1 ms keeps the engine fed.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     app = WorkbenchApp(settings, store)
     try:
         app.run()

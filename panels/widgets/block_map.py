@@ -74,8 +74,15 @@ class BlockMap(Widget):
         self.data = BlockMapData((), (), frozenset())
 
     def show(self, data: BlockMapData) -> None:
+        if data == self.data:
+            return
+        rows = self._rows(len(self.data.block_map))
         self.data = data
-        self.refresh(layout=True)
+        self.refresh(layout=self._rows(len(data.block_map)) != rows)  # a layout only if taller
+
+    def _rows(self, blocks: int) -> int:
+        width = max(self.size.width, 1)
+        return math.ceil(math.ceil(blocks / self.group_size(width)) / width)
 
     def group_size(self, width: int | None = None) -> int:
         """Blocks per cell at this width: 1 unless the map would need more than max_rows."""

@@ -28,7 +28,7 @@ from panels.widgets.message import MessageView
 from store import StoreError
 
 _request_ids = itertools.count(1)
-RENDER_INTERVAL_S = 0.1  # how often a streaming reply's Markdown is extended
+RENDER_INTERVAL_S = 0.2  # a streaming reply grows 5 times a second: each growth costs a layout
 
 
 class ChatView(Vertical):

@@ -11,6 +11,7 @@ from textual.containers import Vertical
 from textual.widgets import Static
 
 from panels.format import human_bytes
+from panels.widgets import QuietStatic
 from panels.widgets.block_map import (
     CACHED_STYLE,
     FREE_STYLE,
@@ -36,6 +37,7 @@ class KvView(Vertical):
         self.owner_colors = colors
         self.usage = History()
         self.hit_rate = History()
+        self._statics = QuietStatic()
 
     def compose(self) -> ComposeResult:
         yield Static("waiting for the engine…", classes="kv-summary")
@@ -51,9 +53,8 @@ class KvView(Vertical):
 
     def show(self, state: EngineState, interval: float) -> None:
         """Show a sample (only while the panel is on screen: layout is not free)."""
-        total = state.kv_blocks_total
         summary = Text()
-        summary.append(f"{total}", style="bold")
+        summary.append(f"{state.kv_blocks_total}", style="bold")
         summary.append(f" blocks × {state.block_size} tokens ({human_bytes(state.kv_cache_bytes)})")
         summary.append(f" · {state.dtype} on {state.device}\n")
         summary.append("used ", style="dim")
@@ -62,9 +63,9 @@ class KvView(Vertical):
         summary.append(f"{state.kv_blocks_cached_free}", style=f"bold {CACHED_STYLE}")
         summary.append("  free ", style="dim")
         summary.append(f"{state.kv_blocks_free}", style="bold")
-        summary.append(f"  · usage {100 * state.kv_usage:.1f}%")
-        summary.append(f" · prefix hits {100 * state.prefix_cache_hit_rate:.1f}%")
-        self.query_one(".kv-summary", Static).update(summary)
+        summary.append(f"\nusage {100 * state.kv_usage:.1f}%")
+        summary.append(f" · prefix-cache hits {100 * state.prefix_cache_hit_rate:.1f}%")
+        self._statics.update(self.query_one(".kv-summary", Static), summary)
         self.query_one(HistoryPlot).show(
             {"usage": self.usage.values, "prefix hits": self.hit_rate.values}, interval
         )
@@ -78,8 +79,9 @@ class KvView(Vertical):
         block_map.show(data)
         group = block_map.group_size()
         per_cell = "1 cell = 1 block" if group == 1 else f"1 cell = {group} blocks"
-        self.query_one(".kv-map-title", Static).update(Text(f"block map ({per_cell})", "dim"))
-        self.query_one(".kv-legend", Static).update(self._legend(data))
+        title = Text(f"block map ({per_cell})", "dim")
+        self._statics.update(self.query_one(".kv-map-title", Static), title)
+        self._statics.update(self.query_one(".kv-legend", Static), self._legend(data))
 
     def _legend(self, data: BlockMapData) -> Text:
         legend = Text()

@@ -11,6 +11,7 @@ import time
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.content import Content
 from textual.markup import escape
 from textual.message import Message
 from textual.widgets import Markdown, Static
@@ -18,6 +19,7 @@ from textual.widgets import Markdown, Static
 from panels.client import ChatChunk
 from panels.conversation import Turn
 from panels.format import clean_text, seconds, stats_line
+from panels.widgets import shown
 
 LIVE_INTERVAL_S = 0.25
 _STATUS_NOTE = {
@@ -51,6 +53,7 @@ class MessageView(Vertical, can_focus=True):
         self.index = index
         self.note = ""  # a transient status: waiting for the model, streaming...
         self._live_at = 0.0
+        self._stats_long = False  # the stats line was wider than the message (it wraps)
 
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="msg-header", markup=True)
@@ -80,7 +83,7 @@ class MessageView(Vertical, can_focus=True):
     def show_live(self, chunk: ChatChunk) -> None:
         """Running stats while the reply streams (a few times a second: cheap for the UI)."""
         now = time.monotonic()
-        if now - self._live_at < LIVE_INTERVAL_S:
+        if now - self._live_at < LIVE_INTERVAL_S or not shown(self):  # unseen: skip the work
             return
         self._live_at = now
         parts = [f"{chunk.num_tokens} tok"]
@@ -92,10 +95,14 @@ class MessageView(Vertical, can_focus=True):
 
     def refresh_meta(self, note: str = "") -> None:
         self.note = note
-        self.query_one(".msg-header", Static).update(self._header())
+        self.query_one(".msg-header", Static).update(self._header(), layout=False)  # 1 line
         stats = self.query_one(".msg-stats", Static)
         text = self._stats()
-        stats.update(text)
+        # A new layout (costly while replies stream) only when the stats line may change height.
+        long = len(Content.from_markup(text).plain) > self.size.width - 2  # it wraps
+        relayout = not stats.display or long or self._stats_long
+        self._stats_long = long
+        stats.update(text, layout=relayout)
         stats.display = bool(text)
         if not note and self.has_focus:  # the status changed: regenerate may be allowed now
             self.refresh_bindings()

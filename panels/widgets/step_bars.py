@@ -29,8 +29,9 @@ class StepBars(Widget):
         self.steps: list[StepColumn] = []
 
     def show(self, steps: list[StepColumn]) -> None:
-        self.steps = steps
-        self.refresh()
+        if steps != self.steps:
+            self.steps = steps
+            self.refresh()
 
     def render(self) -> Text:
         width, rows = max(self.size.width, 1), max(self.size.height, 1)
