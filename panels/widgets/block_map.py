@@ -72,13 +72,15 @@ class BlockMap(Widget):
         self.owner_colors = colors
         self.max_rows = max_rows
         self.data = BlockMapData((), (), frozenset())
+        self._laid_rows = 0
 
     def show(self, data: BlockMapData) -> None:
         if data == self.data:
             return
-        rows = self._rows(len(self.data.block_map))
         self.data = data
-        self.refresh(layout=self._rows(len(data.block_map)) != rows)  # a layout only if taller
+        rows = self._rows(len(data.block_map))
+        self.refresh(layout=rows != self._laid_rows)  # a layout only when the height changes
+        self._laid_rows = rows
 
     def _rows(self, blocks: int) -> int:
         width = max(self.size.width, 1)
