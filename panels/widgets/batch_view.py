@@ -116,8 +116,8 @@ class BatchView(Vertical):
             f"generation {state.generation_throughput:.1f} tok/s"
         )
         if state.spec_acceptance_rate is not None:
-            text.append(
-                f"\nspeculation: acceptance {100 * state.spec_acceptance_rate:.1f}% · "
+            text.append(  # two lines: the Static does not wrap (it redraws without a layout)
+                f"\nspeculation: acceptance {100 * state.spec_acceptance_rate:.1f}%\n"
                 f"{state.spec_mean_accepted:.2f} tokens per verify step"
             )
         return text
