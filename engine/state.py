@@ -79,6 +79,8 @@ class EngineState:
     spec_mean_accepted: float | None
     device_memory_used: int
     device_memory_total: int
+    spec_draft_time_s: float | None = None  # total time proposing drafts
+    spec_verify_time_s: float | None = None  # total time of steps that verified drafts
 
     @property
     def kv_usage(self) -> float:
@@ -171,4 +173,6 @@ def build_state(core: EngineCore) -> EngineState:
         spec_mean_accepted=spec.mean_accepted if spec else None,
         device_memory_used=used,
         device_memory_total=total,
+        spec_draft_time_s=spec.draft_time_s if spec else None,
+        spec_verify_time_s=spec.verify_time_s if spec else None,
     )

@@ -25,3 +25,5 @@ def test_batch_view_shows_acceptance_only_with_speculation(llama_checkpoint):
     text = BatchView._last_step(state).plain
     assert "speculation: acceptance 100.0%" in text
     assert f"{state.spec_mean_accepted:.2f} tokens per verify step" in text
+    assert state.spec_draft_time_s > 0 and state.spec_verify_time_s > 0
+    assert plain.state().spec_draft_time_s is None
