@@ -27,7 +27,7 @@ from engine.server.protocol import (
     TopLogprob,
     Usage,
 )
-from engine.server.streams import SubRequest
+from engine.server.streams import StreamProgress, SubRequest
 
 
 async def create_chat_completion(
@@ -62,21 +62,16 @@ async def create_chat_completion(
         )
 
     if req.stream:
-        sent_logprobs: dict[int, int] = {}
-        completion_tokens: dict[int, int] = {}
+        progress = StreamProgress()
         first = [
             chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
             for i in range(req.n)
         ]
 
         def chunks(index: int, out: RequestOutput) -> Iterable[ChatCompletionChunk]:
-            start = sent_logprobs.get(index, 0)
-            new = (out.logprobs or [])[start:]
-            if not out.delta_text and not new and not out.finished:
+            new = progress.advance(index, out)
+            if new is None:
                 return ()
-            sent_logprobs[index] = start + len(new)
-            if out.finished:
-                completion_tokens[index] = len(out.token_ids)
             choice = ChatStreamChoice(
                 index=index,
                 delta=DeltaMessage(content=out.delta_text or None),
@@ -89,7 +84,7 @@ async def create_chat_completion(
         def last() -> Iterable[ChatCompletionChunk]:
             if req.stream_options is None or not req.stream_options.include_usage:
                 return ()
-            done = sum(completion_tokens.values())
+            done = progress.num_completion_tokens
             usage = Usage(
                 prompt_tokens=len(prompt), completion_tokens=done, total_tokens=len(prompt) + done
             )

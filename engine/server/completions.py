@@ -21,7 +21,7 @@ from engine.server.protocol import (
     CompletionResponse,
     Usage,
 )
-from engine.server.streams import SubRequest
+from engine.server.streams import StreamProgress, SubRequest
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -52,21 +52,16 @@ async def create_completion(
     prompt_tokens = sum(len(ids) for ids in prompts)
 
     if req.stream:
-        sent_logprobs: dict[int, int] = {}
+        progress = StreamProgress()
         text_offsets: dict[int, int] = {}
-        completion_tokens: dict[int, int] = {}
 
         def chunks(index: int, out: RequestOutput) -> Iterable[CompletionResponse]:
-            start = sent_logprobs.get(index, 0)
-            new = (out.logprobs or [])[start:]
-            if not out.delta_text and not new and not out.finished:
+            new = progress.advance(index, out)
+            if new is None:
                 return ()
-            sent_logprobs[index] = start + len(new)
             logprobs = None
             if out.logprobs is not None:
                 logprobs, text_offsets[index] = _logprobs(ctx, new, text_offsets.get(index, 0))
-            if out.finished:
-                completion_tokens[index] = len(out.token_ids)
             choice = CompletionChoice(
                 index=index,
                 text=out.delta_text,
@@ -81,7 +76,7 @@ async def create_completion(
         def last() -> Iterable[CompletionResponse]:
             if req.stream_options is None or not req.stream_options.include_usage:
                 return ()
-            done = sum(completion_tokens.values())
+            done = progress.num_completion_tokens
             usage = Usage(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=done,

@@ -36,6 +36,31 @@ class SubRequest:
     request_id: str
 
 
+class StreamProgress:
+    """What a stream has sent so far, per choice: logprobs already in earlier chunks, and the
+    completion tokens of finished choices (for the final usage chunk)."""
+
+    def __init__(self) -> None:
+        self.sent_logprobs: dict[int, int] = {}
+        self.completion_tokens: dict[int, int] = {}
+
+    def advance(self, index: int, out: RequestOutput) -> list | None:
+        """The logprobs new since the last chunk of this choice, or None when the output brings
+        nothing to send (no text, no logprobs, not finished)."""
+        start = self.sent_logprobs.get(index, 0)
+        new = (out.logprobs or [])[start:]
+        if not out.delta_text and not new and not out.finished:
+            return None
+        self.sent_logprobs[index] = start + len(new)
+        if out.finished:
+            self.completion_tokens[index] = len(out.token_ids)
+        return new
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(self.completion_tokens.values())
+
+
 class ClientDisconnected(Exception):
     pass
 
