@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ class LoadedModel:
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...]
     max_model_len: int
+    model_dir: Path | None = None  # the checkpoint directory; None for dummy presets
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,6 +93,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         dtype=dtype,
         eos_token_ids=_eos_ids(hf_config, tokenizer, model_dir),
         max_model_len=max_len,
+        model_dir=model_dir,
     )
 
 

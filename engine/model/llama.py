@@ -161,6 +161,8 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
+            if name.endswith((".k_scale", ".v_scale")):
+                continue  # KV-cache scales (ModelOpt FP8 KV): engine/quant/kv_scales.py reads them
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
             target, shard = name, None
