@@ -19,10 +19,12 @@ pytestmark = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 8, 64), (32, 8, 128), (14, 2, 64)])
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_decode_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block_size):
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_decode_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block_size, num_splits):
     from engine.attention.metadata import AttentionMetadata
     from engine.attention.torch_ref import TorchAttention
     from engine.attention.triton_decode import paged_decode_attention
+    from engine.kv.cache import LayerKV
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     num_blocks, num_seqs = 64, 7
@@ -40,7 +42,9 @@ def test_decode_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block
         ]
     )
     q = torch.randn(num_seqs, heads, head_dim, device="cuda", generator=gen).to(dtype)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, head_dim**-0.5)
+    out = paged_decode_attention(
+        q, k_cache, v_cache, tables, seq_lens, head_dim**-0.5, num_splits=num_splits
+    )
     meta = AttentionMetadata(
         TorchAttention(),
         torch.empty(0, dtype=torch.int64, device="cuda"),
@@ -51,7 +55,7 @@ def test_decode_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block
         num_seqs,
         block_size,
     )
-    ref = TorchAttention()._decode(q, k_cache, v_cache, meta, head_dim**-0.5)
+    ref = TorchAttention()._decode(q, LayerKV(k_cache, v_cache), meta, head_dim**-0.5)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 

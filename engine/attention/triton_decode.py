@@ -2,8 +2,16 @@
 table, online softmax over the pages. GQA: one program serves all query heads of one KV head,
 so each K/V page is read once per group, not once per query head.
 
+Split-K ("flash decoding"): a sequence's pages are cut into `num_splits` contiguous ranges, each
+handled by its own program, which writes a partial result (running max, softmax denominator and
+unnormalised output); a second kernel merges the splits. At batch 1 a one-program-per-KV-head
+launch keeps 8 of the H100's 132 SMs busy and walks the pages one after another; the splits
+spread them over the whole GPU. With one split the partials are merged by the same code, so the
+numerics do not depend on how many splits ran (up to float32 rounding of the merge).
+
 Graph-safe: every size that changes between steps (context lengths, block tables) is read from
-device tensors, so a CUDA graph captured once replays for any contents.
+device tensors, and `num_splits` depends only on the batch shape, so a CUDA graph captured once
+replays for any contents.
 """
 
 from __future__ import annotations
@@ -12,15 +20,21 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_SPLITS = 16
+
 
 @triton.jit
-def _paged_decode_kernel(
+def _paged_decode_split_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,
     block_tables_ptr,  # [num_seqs, max_blocks] int64
     seq_lens_ptr,  # [num_seqs] int64
-    out_ptr,  # [num_seqs, num_heads, head_dim]
+    part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] float32
+    part_max_ptr,  # [num_seqs, num_heads, NUM_SPLITS] float32
+    part_sum_ptr,  # [num_seqs, num_heads, NUM_SPLITS] float32
+    k_scale_ptr,  # SCALES 1: [] float32; 2: [num_blocks, block_size, num_kv_heads] float32
+    v_scale_ptr,
     scale,
     stride_q_seq,
     stride_q_head,
@@ -28,8 +42,10 @@ def _paged_decode_kernel(
     stride_k_pos,
     stride_k_head,
     stride_bt_seq,
-    stride_o_seq,
-    stride_o_head,
+    stride_s_block,  # of the per-slot scales (SCALES 2)
+    stride_s_pos,
+    NUM_SPLITS: tl.constexpr,
+    SCALES: tl.constexpr,  # 0: unquantized cache; 1: one scale per layer (fp8); 2: per slot (int8)
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # GROUP rounded up to >= 16 for tl.dot
     HEAD_DIM: tl.constexpr,
@@ -38,7 +54,12 @@ def _paged_decode_kernel(
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    num_pages = tl.cdiv(seq_len, BLOCK_SIZE)
+    pages_per_split = tl.cdiv(num_pages, NUM_SPLITS)
+    first_page = split * pages_per_split
+    last_page = tl.minimum(first_page + pages_per_split, num_pages)
 
     rows = tl.arange(0, GROUP_PAD)  # query heads of this group (padded)
     dims = tl.arange(0, HEAD_DIM)
@@ -54,8 +75,7 @@ def _paged_decode_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    num_pages = tl.cdiv(seq_len, BLOCK_SIZE)
-    for page in range(0, num_pages):
+    for page in range(first_page, last_page):
         block = tl.load(block_tables_ptr + seq * stride_bt_seq + page)
         pos = page * BLOCK_SIZE + offs
         pos_ok = pos < seq_len
@@ -63,6 +83,15 @@ def _paged_decode_kernel(
         kv_offs = base + offs[:, None] * stride_k_pos + dims[None, :]  # [BLOCK_SIZE, HEAD_DIM]
         k = tl.load(k_cache_ptr + kv_offs, mask=pos_ok[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_offs, mask=pos_ok[:, None], other=0.0)
+        if SCALES == 1:  # dequantize in float32, then compute in the query's dtype
+            k = (k.to(tl.float32) * tl.load(k_scale_ptr)).to(q.dtype)
+            v = (v.to(tl.float32) * tl.load(v_scale_ptr)).to(q.dtype)
+        elif SCALES == 2:
+            s_offs = block * stride_s_block + offs * stride_s_pos + kv_head  # [BLOCK_SIZE]
+            ks = tl.load(k_scale_ptr + s_offs, mask=pos_ok, other=0.0)
+            vs = tl.load(v_scale_ptr + s_offs, mask=pos_ok, other=0.0)
+            k = (k.to(tl.float32) * ks[:, None]).to(q.dtype)
+            v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
         scores = (
             tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         )  # [GROUP_PAD, BLOCK_SIZE]
@@ -73,12 +102,61 @@ def _paged_decode_kernel(
         denom = denom * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    out = acc / denom[:, None]
+
+    # An empty split (fewer pages than splits) leaves m = -inf and denom = 0: the merge skips it.
+    part = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split  # [GROUP_PAD]
+    tl.store(part_max_ptr + part, m, mask=row_ok)
+    tl.store(part_sum_ptr + part, denom, mask=row_ok)
+    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] float32
+    part_max_ptr,  # [num_seqs, num_heads, NUM_SPLITS] float32
+    part_sum_ptr,  # [num_seqs, num_heads, NUM_SPLITS] float32
+    out_ptr,  # [num_seqs, num_heads, head_dim]
+    stride_o_seq,
+    stride_o_head,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    HEAD_DIM: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    split_ok = splits < NUM_SPLITS
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits  # [SPLITS_PAD]
+    m = tl.load(part_max_ptr + part, mask=split_ok, other=float("-inf"))
+    s = tl.load(part_sum_ptr + part, mask=split_ok, other=0.0)
+    m_all = tl.max(m, axis=0)
+    weight = tl.where(split_ok & (s > 0), tl.exp(m - m_all), 0.0)  # [SPLITS_PAD]
+    acc = tl.load(
+        part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None], other=0.0
+    )  # [SPLITS_PAD, HEAD_DIM]
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(s * weight, axis=0)
     tl.store(
-        out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :],
+        out_ptr + seq * stride_o_seq + head * stride_o_head + dims,
         out.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None],
     )
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_pages: int, num_sms: int) -> int:
+    """Enough programs to cover the GPU about twice, never more splits than pages."""
+    programs = num_seqs * num_kv_heads
+    wanted = -(-2 * num_sms // programs)
+    return max(1, min(MAX_SPLITS, wanted, max_pages))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 def paged_decode_attention(
@@ -89,7 +167,13 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [num_seqs]
     scale: float,
     out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """`num_splits` None: chosen from the batch shape and the GPU (see `choose_num_splits`).
+    Quantized caches (fp8, int8) come with their scales: `k_scale`/`v_scale` [] float32 (one per
+    layer) or [num_blocks, block_size, num_kv_heads] float32 (one per slot and KV head)."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -97,14 +181,36 @@ def paged_decode_attention(
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
+    if num_splits is None:
+        sms = _sm_count(q.device) if q.device.type == "cuda" else 4
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, block_tables.shape[1], sms)
     q = q.contiguous()
-    _paged_decode_kernel[(num_seqs, num_kv_heads)](
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("k_scale and v_scale come together")
+    scales = 0 if k_scale is None else (1 if k_scale.dim() == 0 else 2)
+    if scales == 2 and k_scale.shape != k_cache.shape[:3]:
+        raise ValueError(
+            f"per-slot scales must be {tuple(k_cache.shape[:3])}, got {tuple(k_scale.shape)}"
+        )
+    if scales:
+        k_scale, v_scale = k_scale.contiguous(), v_scale.contiguous()
+    else:
+        k_scale = v_scale = q  # unused
+    f32 = dict(dtype=torch.float32, device=q.device)
+    part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, **f32)
+    part_max = torch.empty(num_seqs, num_heads, num_splits, **f32)
+    part_sum = torch.empty(num_seqs, num_heads, num_splits, **f32)
+    _paged_decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
         block_tables,
         seq_lens,
-        out,
+        part_acc,
+        part_max,
+        part_sum,
+        k_scale,
+        v_scale,
         scale,
         q.stride(0),
         q.stride(1),
@@ -112,13 +218,27 @@ def paged_decode_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
+        k_scale.stride(0) if scales == 2 else 0,
+        k_scale.stride(1) if scales == 2 else 0,
+        NUM_SPLITS=num_splits,
+        SCALES=scales,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
+    )
+    _merge_splits_kernel[(num_seqs, num_heads)](
+        part_acc,
+        part_max,
+        part_sum,
+        out,
+        out.stride(0),
+        out.stride(1),
+        NUM_SPLITS=num_splits,
+        SPLITS_PAD=triton.next_power_of_2(num_splits),
+        HEAD_DIM=head_dim,
+        num_warps=1,
     )
     return out
