@@ -61,8 +61,11 @@ __all__ = [
     "format_report",
     "make_prompts",
     "run_benchmark",
+    "read_prompt_lines",
     "run_requests",
+    "stats_ms",
     "summarize",
+    "synthetic_prompts",
     "write_report",
 ]
 
@@ -125,15 +128,27 @@ def make_prompts(
 ) -> list[list[int]]:
     """`count` prompts as token ids: lines of `config.prompts_file` (cycled), or synthetic."""
     if config.prompts_file is not None:
-        lines = _read_prompt_lines(config.prompts_file)
+        lines = read_prompt_lines(config.prompts_file)
         return [core.encode_prompt(lines[i % len(lines)])[1] for i in range(count)]
     special = set(getattr(core.tokenizer, "all_special_ids", None) or []) | set(core.eos_token_ids)
-    allowed = torch.tensor([t for t in range(core.vocab_size) if t not in special])
-    picks = torch.randint(0, len(allowed), (count, config.input_len), generator=generator)
+    return synthetic_prompts(core.vocab_size, special, count, config.input_len, generator)
+
+
+def synthetic_prompts(
+    vocab_size: int,
+    special_ids: set[int],
+    count: int,
+    input_len: int,
+    generator: torch.Generator,
+) -> list[list[int]]:
+    """`count` prompts of `input_len` ids drawn uniformly from the vocabulary without the special
+    tokens (the online benchmark draws the same ones for the same seed and tokenizer)."""
+    allowed = torch.tensor([t for t in range(vocab_size) if t not in special_ids])
+    picks = torch.randint(0, len(allowed), (count, input_len), generator=generator)
     return allowed[picks].tolist()
 
 
-def _read_prompt_lines(path: str) -> list[str]:
+def read_prompt_lines(path: str) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
@@ -197,7 +212,7 @@ def run_requests(
     )
 
 
-def _stats_ms(values_s: Sequence[float | None]) -> dict[str, float | None]:
+def stats_ms(values_s: Sequence[float | None]) -> dict[str, float | None]:
     values = np.array([v for v in values_s if v is not None], dtype=np.float64) * 1e3
     if values.size == 0:
         return {"mean": None, "p50": None, "p90": None, "p99": None}
@@ -217,9 +232,9 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict[str, Any]
         "request_throughput": len(records) / wall_s,
         "output_tok_s": output_tokens / wall_s,
         "total_tok_s": (input_tokens + output_tokens) / wall_s,
-        "ttft_ms": _stats_ms([r.ttft_s for r in records]),
-        "tpot_ms": _stats_ms([r.tpot_s for r in records]),
-        "e2e_ms": _stats_ms([r.e2e_s for r in records]),
+        "ttft_ms": stats_ms([r.ttft_s for r in records]),
+        "tpot_ms": stats_ms([r.tpot_s for r in records]),
+        "e2e_ms": stats_ms([r.e2e_s for r in records]),
     }
 
 
@@ -244,12 +259,12 @@ def _run_benchmark(
 ) -> dict[str, Any]:
     from engine.core import EngineCore
 
-    load_before = _loadavg()
+    load_before = load_average()
     core = EngineCore(engine_config)
     num_requests = config.num_requests
     if num_requests is None:
         num_requests = (
-            len(_read_prompt_lines(config.prompts_file))
+            len(read_prompt_lines(config.prompts_file))
             if config.prompts_file
             else DEFAULT_NUM_REQUESTS
         )
@@ -297,7 +312,7 @@ def _run_benchmark(
         report["peer"] = _run_hf_peer(core, engine_config, prompts, warmup, config, run)
         del core
         gc.collect()
-    report["system"]["loadavg_after"] = _loadavg()
+    report["system"]["loadavg_after"] = load_average()
     return report
 
 
@@ -382,7 +397,7 @@ def system_info(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _loadavg() -> list[float] | None:
+def load_average() -> list[float] | None:
     """1, 5 and 15 minute load averages: on a shared host, the neighbours' share of the CPU."""
     try:
         return [round(x, 2) for x in os.getloadavg()]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -21,6 +22,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "models" / "tiny"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _workbench_home(tmp_path_factory) -> Iterator[None]:
+    """No test writes to the user's config or data dirs (`workbench bench` saves every run to
+    the store); tests that need their own home set WORKBENCH_HOME themselves."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("WORKBENCH_HOME", str(tmp_path_factory.mktemp("workbench-home")))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

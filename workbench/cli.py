@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from engine.config import EngineConfig, SamplingParams
+from engine.config import KV_CACHE_DTYPES, EngineConfig, SamplingParams
 
 PROG = "workbench"
 EXIT_USAGE = 2  # bad arguments or values, unknown model: what argparse uses too
@@ -40,14 +40,19 @@ class _Parser(argparse.ArgumentParser):
 # --- options shared by several commands -------------------------------------------------------
 
 
-def add_engine_args(parser: argparse.ArgumentParser, model_default: str | None = "tiny") -> None:
+def add_engine_args(
+    parser: argparse.ArgumentParser,
+    model_default: str | None = "tiny",
+    model_help: str | None = None,
+) -> None:
     """The engine options; `model_default` None leaves --model unset unless given (for `launch`,
-    where the settings file chooses the model)."""
+    where the settings file chooses the model); `model_help` replaces --model's help."""
     g = parser.add_argument_group("engine")
     g.add_argument(
         "--model",
         default=model_default,
-        help="bundled name (tiny), checkpoint directory or Hugging Face id (default: "
+        help=model_help
+        or "bundled name (tiny), checkpoint directory or Hugging Face id (default: "
         + (model_default or "the settings file's, else tiny")
         + ")",
     )
@@ -58,6 +63,11 @@ def add_engine_args(parser: argparse.ArgumentParser, model_default: str | None =
     g.add_argument("--max-num-seqs", type=int, help="most requests running at once")
     g.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens")
     g.add_argument("--num-kv-blocks", type=int, help="KV pages (default: sized from memory)")
+    g.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        help="KV pages: auto (the checkpoint's KV quantization, else --dtype), fp8 or int8",
+    )
     g.add_argument(
         "--no-prefix-caching",
         dest="enable_prefix_caching",
@@ -88,6 +98,7 @@ _ENGINE_FIELDS = (
     "max_num_seqs",
     "max_model_len",
     "num_kv_blocks",
+    "kv_cache_dtype",
     "enable_prefix_caching",
     "load_format",
 )
@@ -205,50 +216,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from engine.bench import (
-        BenchConfig,
-        default_report_path,
-        format_report,
-        run_benchmark,
-        write_report,
-    )
-
-    bench_config = BenchConfig(
-        num_requests=args.num_requests,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        concurrency=args.concurrency,
-        warmup=args.warmup,
-        seed=args.seed,
-        prompts_file=args.prompts,
-        compare=args.compare,
-        threads=args.threads,
-    )
-    config = engine_config_from_args(args)
-    if config.speculative:
-        # With speculation the same requests also run without it, for the speedup.
-        from engine.bench_spec import format_speculative_report, run_speculative_benchmark
-
-        report = run_speculative_benchmark(
-            dataclasses.replace(config, speculative=None),
-            bench_config,
-            config.speculative,
-            command=args.command_line,
-        )
-        print(format_speculative_report(report))
-    else:
-        report = run_benchmark(config, bench_config, command=args.command_line)
-        print(format_report(report))
-    path = args.json_out or default_report_path()
-    try:
-        written = write_report(report, path)
-    except OSError as err:
-        raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
-    print(f"\nwrote {written}")
-    return 0
-
-
 # --- the parser -------------------------------------------------------------------------------
 
 
@@ -283,26 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     add_sampling_args(p, max_tokens=256)
 
-    p = command("bench", cmd_bench, "offline benchmark: throughput, TTFT, TPOT")
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--num-requests", type=int, help="default: 32, or one per --prompts line")
-    g.add_argument("--input-len", type=int, default=128, help="synthetic prompt tokens (128)")
-    g.add_argument("--output-len", type=int, default=128, help="tokens per request (128)")
-    g.add_argument("--concurrency", type=int, help="most requests in flight (default: all)")
-    g.add_argument("--warmup", type=int, default=0, help="unmeasured requests first (0)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts (0)")
-    g.add_argument("--prompts", metavar="FILE", help="prompts, one per line, instead of random")
-    g.add_argument("--compare", choices=("hf",), help="also run transformers generate")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--json-out", metavar="FILE", help="default: bench-<timestamp>.json")
-    add_engine_args(p)
+    # `bench` (offline and online) and `serve` live in their own modules.
+    from workbench import bench_cmd, serve_cmd
 
-    try:  # `serve` lives in its own module, with the HTTP server's options
-        from workbench import serve_cmd
-    except ImportError:
-        pass
-    else:
-        serve_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
+    serve_cmd.add_parser(sub)
     return parser
 
 
