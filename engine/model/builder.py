@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from engine import kernels
 from engine.config import EngineConfig
 from engine.model import loader
 from engine.model.dummy import init_dummy_weights
@@ -84,6 +85,9 @@ def load_model(config: EngineConfig) -> LoadedModel:
         # We attend to the whole context; capping the length keeps that exact for Mistral-style
         # sliding-window models.
         max_len = min(max_len, int(window))
+    fused = kernels.fused_kernel_names(device, dtype)  # WORKBENCH_FUSED_KERNELS=0: torch ops
+    if fused:
+        model.enable_fused_kernels(fused, max_positions=max(max_len, config.max_model_len or 0))
     return LoadedModel(
         name=config.model,
         model=model,

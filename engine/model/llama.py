@@ -18,22 +18,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import kernels
 from engine.attention.metadata import AttentionMetadata
 from engine.model.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
+    fused = False  # CUDA: engine/kernels/rmsnorm.py (LlamaForCausalLM.enable_fused_kernels)
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """-> norm(x); with `residual`: (norm(x + residual), x + residual), the residual add
+        fused into the norm as in vLLM. The fused kernel may overwrite x and residual."""
+        if self.fused and x.dtype == self.weight.dtype:
+            if residual is None:
+                return kernels.rms_norm(x, self.weight, self.eps)
+            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = residual = x + residual  # in the dtype, as transformers' `residual + hidden`
         # Same arithmetic as transformers' LlamaRMSNorm: statistics in float32, scale in x's dtype.
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        out = self.weight * x32.to(dtype)
+        return out if residual is None else (out, residual)
 
 
 class Attention(nn.Module):
@@ -78,6 +90,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fused = False  # CUDA: SiLU-and-mul in one kernel (engine/kernels/activation.py)
+
     def __init__(self, config) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
@@ -85,7 +99,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        if self.fused:
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -97,11 +114,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, hidden, rotary, positions, kv_cache, meta) -> torch.Tensor:
-        hidden = hidden + self.self_attn(
-            self.input_layernorm(hidden), rotary, positions, kv_cache, meta
-        )
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(
+        self, hidden, residual, rotary, positions, kv_cache, meta
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM's residual flow: `hidden` is the previous sublayer's output, `residual` the stream
+        before it (None at the first layer); each norm adds the two, fused on CUDA.
+        -> (this layer's MLP output, the residual stream before it)."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rotary, positions, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -144,10 +169,21 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """-> final hidden states [num_tokens, hidden]; `logits` scores the rows it is given."""
-        hidden = self.model.embed_tokens(input_ids)
+        hidden, residual = self.model.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(hidden, self.rotary, positions, kv_cache, meta)
-        return self.model.norm(hidden)
+            hidden, residual = layer(hidden, residual, self.rotary, positions, kv_cache, meta)
+        return self.model.norm(hidden, residual)[0]
+
+    def enable_fused_kernels(self, names: frozenset[str], max_positions: int) -> None:
+        """Use the Triton kernels in `names` (engine/kernels.KERNELS: "rmsnorm", "rotary", "silu")
+        instead of the torch ops; an empty set restores the torch path. CUDA only; positions
+        must stay below max_positions (the rotary cos/sin cache)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.fused = "rmsnorm" in names
+            elif isinstance(module, MLP):
+                module.fused = "silu" in names
+        self.rotary.build_cache(max_positions if "rotary" in names else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_weight).float()  # [rows, vocab]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine import kernels
+
 # Types whose frequencies depend on the running sequence length; a paged engine that caches K/V
 # across steps cannot follow them exactly.
 _UNSUPPORTED_ROPE = {"dynamic", "longrope"}
@@ -41,10 +43,27 @@ class RotaryEmbedding(nn.Module):
         # transformers computes on the CPU; follow the device the model is being built on.
         inv_freq = inv_freq.to(torch.empty(0).device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim // 2]
+        # [max_positions, head_dim] float32, cos | sin: set by build_cache for the fused kernel.
+        self.register_buffer("cos_sin_cache", None, persistent=False)
+
+    def build_cache(self, max_positions: int | None) -> None:
+        """Precompute cos/sin of every position < max_positions for the fused Triton kernel
+        (engine/kernels/rotary.py), which then rotates q and k in place; None drops the cache and
+        goes back to the torch path. Same ops and device as `forward`, so the same values."""
+        if max_positions is None:
+            self.cos_sin_cache = None
+            return
+        positions = torch.arange(max_positions, device=self.inv_freq.device)
+        # [max_positions, head_dim // 2]
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        self.cos_sin_cache = torch.cat((freqs.cos() * self.scaling, freqs.sin() * self.scaling), -1)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos_sin_cache is not None:
+            kernels.rotary_embedding(positions, q, k, self.cos_sin_cache)  # in place
+            return q, k
         # Computed per step as transformers does (positions x inv_freq in float32, then cos/sin),
         # so the rounding is identical to its.
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [num_tokens, head_dim // 2]
