@@ -16,6 +16,7 @@ from test_tui_support import (  # noqa: F401  (fixtures)
     app_for,
     fixed_hardware,
     fixed_states,
+    seed_bench_runs,
     set_times,
     snapshot_client,
 )
@@ -160,6 +161,17 @@ def test_build_panel(snap_compare, tmp_path: Path, store, snapshot_client) -> No
 
     async def run_before(pilot: Pilot) -> None:
         await pilot.press("f5")
+        await steady(pilot)
+
+    assert snap_compare(app, terminal_size=WIDE, run_before=run_before)
+
+
+def test_bench_panel(snap_compare, tmp_path: Path, store, snapshot_client) -> None:
+    seed_bench_runs(store)
+    app = make_app(tmp_path, store, snapshot_client)
+
+    async def run_before(pilot: Pilot) -> None:
+        await pilot.press("f6")
         await steady(pilot)
 
     assert snap_compare(app, terminal_size=WIDE, run_before=run_before)

@@ -200,3 +200,51 @@ def set_times(store: Store, when: str = "2025-05-01T09:30:00.000000+00:00") -> N
     for table in ("sessions", "messages"):
         store.db.execute(f"UPDATE {table} SET created_at = ?, updated_at = ?", [when, when])
     store.db.conn.commit()
+
+
+def seed_bench_runs(store: Store, when: str = "2025-05-01T09:30:00.000000+00:00") -> None:
+    """An offline run and an online one (with goodput and failures), as `workbench bench` saves
+    them (abridged), at a frozen time."""
+
+    def stats(mean: float) -> dict[str, float]:
+        return {"mean": mean, "p50": mean * 0.9, "p90": mean * 1.4, "p99": mean * 2.0}
+
+    totals = {"total_input_tokens": 4096, "total_output_tokens": 4096, "wall_s": 12.5}
+    store.record_bench_run(
+        "offline",
+        "tiny",
+        {
+            "command": "workbench bench --num-requests 32 --concurrency 8",
+            "bench": {"input_len": 128, "output_len": 128, "prompts_file": None, "warmup": 0},
+            "concurrency": 8,
+            "engine": {"model": "tiny", "device": "cpu", "dtype": "float32", "block_size": 16,
+                       "num_kv_blocks": 1024},
+            "system": {"device_name": "AMD EPYC"},
+            "peer": {"output_tok_s": 150.0, "ratio": 2.18, "batch_size": 8, "same_tokens": 32},
+        },
+        {"num_requests": 32, **totals, "request_throughput": 2.56, "output_tok_s": 327.7,
+         "total_tok_s": 655.4, "ttft_ms": stats(180.0), "tpot_ms": stats(22.0),
+         "e2e_ms": stats(2950.0), "num_steps": 530},
+    )  # fmt: skip
+    store.record_bench_run(
+        "online",
+        "tiny",
+        {
+            "kind": "online",
+            "command": "workbench bench --url http://127.0.0.1:8000 --request-rate 4",
+            "bench": {"url": "http://127.0.0.1:8000", "endpoint": "completions",
+                      "request_rate": 4.0, "max_concurrency": 16, "input_len": 128,
+                      "output_len": 128, "prompts_file": None, "ignore_eos": True},
+            "server": {"url": "http://127.0.0.1:8000", "model": "tiny",
+                       "engine": {"model": "tiny", "device": "cpu", "dtype": "float32",
+                                  "block_size": 16, "kv_blocks_total": 1024}},
+        },
+        {"num_requests": 32, "completed": 30, "failed": 2, **totals,
+         "request_throughput": 2.4, "output_tok_s": 307.2, "total_tok_s": 614.4,
+         "ttft_ms": stats(95.0), "tpot_ms": stats(25.0), "itl_ms": stats(24.5),
+         "e2e_ms": stats(3270.0), "goodput": 1.6, "good_requests": 20,
+         "goodput_slo_ms": {"ttft": 200.0, "tpot": 30.0}, "peak_concurrency": 16,
+         "errors": {"HTTP 400: the prompt is too long": 2}},
+    )  # fmt: skip
+    store.db.execute("UPDATE bench_runs SET created_at = ?", [when])
+    store.db.conn.commit()

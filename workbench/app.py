@@ -22,6 +22,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
 from panels import PANEL_CSS
+from panels.bench import BenchPanel
 from panels.build import BuildPanel
 from panels.chat import ChatPanel
 from panels.client import EngineClient, EngineHandle, LocalEngineClient
@@ -35,7 +36,7 @@ from panels.widgets.message import MessageView
 from store import Store, StoreError, open_store
 from workbench.settings import Settings, SettingsError, config_path, settings_from_args
 
-PANELS = ("chat", "monitor", "sessions", "build")
+PANELS = ("chat", "monitor", "sessions", "build", "bench")
 STATUS_INTERVAL_S = 0.5
 GIL_SWITCH_INTERVAL_S = 0.001
 
@@ -50,6 +51,7 @@ class WorkbenchApp(App[int]):
         Binding("f3", "show_panel('monitor')", "Monitor", id="app.monitor", show=False),
         Binding("f4", "show_panel('sessions')", "Sessions", id="app.sessions", show=False),
         Binding("f5", "show_panel('build')", "Build", id="app.build", show=False),
+        Binding("f6", "show_panel('bench')", "Bench", id="app.bench", show=False),
         Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
     ]
 
@@ -87,6 +89,8 @@ class WorkbenchApp(App[int]):
                 yield SessionsPanel(self.store, self.settings.exports_dir)
             with TabPane("Build (F5)", id="build"):
                 yield BuildPanel(self.store)
+            with TabPane("Bench (F6)", id="bench"):
+                yield BenchPanel(self.store)
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -193,7 +197,7 @@ class WorkbenchApp(App[int]):
         if name == "sessions" and self._sessions_dirty:
             self._sessions_dirty = False
             panel.reload()
-        if name == "build":
+        if name in ("build", "bench"):
             panel.reload()
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
@@ -281,6 +285,7 @@ class WorkbenchApp(App[int]):
                 self.panel("monitor").action_toggle_pause,
             ),
             ("Sessions: search", "Full-text search of all sessions", self._palette_search),
+            ("Bench: reload", "Reread the saved benchmark runs", self.panel("bench").reload),
             ("Sessions: open", "Open the selected session in Chat", sessions.action_open),
             ("Sessions: rename", "Rename the selected session", sessions.action_rename),
             ("Sessions: delete", "Delete the selected session", sessions.action_delete),
