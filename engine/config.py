@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.structured import StructuredSpec
 
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # how KV pages are stored: engine/kv/quant.py
+
 
 @dataclass
 class SamplingParams:
@@ -117,6 +119,8 @@ class EngineConfig:
     speculative: dict[str, Any] | None = None
     attention_backend: str = "auto"  # auto | torch | triton
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
+    # KV pages: auto (the checkpoint's KV quantization if it has one, else dtype) | fp8 | int8
+    kv_cache_dtype: str = "auto"
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
@@ -145,6 +149,10 @@ class EngineConfig:
         _check(
             self.attention_backend in ("auto", "torch", "triton"),
             f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}",
+        )
+        _check(
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            f"kv_cache_dtype must be auto, fp8 or int8, got {self.kv_cache_dtype!r}",
         )
         _check(
             self.max_model_len is None or self.max_model_len >= 1,

@@ -21,6 +21,7 @@ from engine.kv.cache import KVCache, KVLayout
 from engine.kv.manager import KVCacheManager
 from engine.model.builder import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from engine.quant.kv_scales import kv_quant_for
 from engine.request import Request, RequestStatus
 from engine.runner import ModelRunner, SeqChunk
 from engine.sampler import Sampler, SamplingRow, make_generator
@@ -45,12 +46,17 @@ class EngineCore:
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = loaded.hf_config.vocab_size
 
-        layout = KVLayout.of(self.model, config.block_size, self.dtype)
+        self.kv_quant = kv_quant_for(config, loaded)
+        layout = KVLayout.of(
+            self.model, config.block_size, self.dtype, self.kv_quant.kv_cache_dtype
+        )
         model_max_len = loaded.max_model_len
         num_blocks = self._num_kv_blocks(layout, config.max_model_len or model_max_len)
         use_graphs = self.device.type == "cuda" and not config.enforce_eager
         # With CUDA graphs one extra page, owned by no request, takes the padding rows' K/V.
-        self.kv_cache = KVCache(layout, num_blocks + int(use_graphs), self.device)
+        self.kv_cache = KVCache(
+            layout, num_blocks + int(use_graphs), self.device, self.kv_quant.fp8_scales
+        )
         # One request at max_model_len must fit the whole pool, or it could never finish.
         self.max_model_len = min(
             config.max_model_len or model_max_len, num_blocks * layout.block_size

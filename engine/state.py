@@ -81,6 +81,7 @@ class EngineState:
     device_memory_total: int
     spec_draft_time_s: float | None = None  # total time proposing drafts
     spec_verify_time_s: float | None = None  # total time of steps that verified drafts
+    kv_cache_dtype: str | None = None  # how KV pages are stored: float8_e4m3fn, int8 or as dtype
 
     @property
     def kv_usage(self) -> float:
@@ -155,6 +156,7 @@ def build_state(core: EngineCore) -> EngineState:
         kv_blocks_cached_free=cached_free,
         kv_blocks_free=pool.num_free_blocks - cached_free,
         kv_cache_bytes=core.kv_cache.num_bytes,
+        kv_cache_dtype=str(core.kv_cache.layout.storage_dtype).removeprefix("torch."),
         block_map=tuple(block_map),
         prefix_cache_hit_rate=kv.prefix_hit_rate,
         running=tuple(_request_state(r, kv.block_ids(r.request_id), now) for r in running),

@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from engine.kv.cache import LayerKV
+
 
 class AttentionBackend(Protocol):
     def forward(
@@ -14,12 +16,13 @@ class AttentionBackend(Protocol):
         q: torch.Tensor,  # [num_tokens, heads, head_dim]
         k: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
         v: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
-        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [num_blocks, block_size, kv_heads, hd]
+        kv_cache: LayerKV,  # this layer's pages (and scales, when quantized)
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, heads, head_dim]
         """Write k/v into the cache at meta.slot_mapping, then attend each sequence's queries to
-        its whole context (cached prefix plus the new tokens), causally."""
+        its whole context (cached prefix plus the new tokens, all read back from the cache),
+        causally."""
         ...
 
 

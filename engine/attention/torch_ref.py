@@ -2,6 +2,10 @@
 
 Slow but obviously right; the Triton backend is checked against it. Decodes are batched into one
 masked SDPA call; each prefill chunk is its own call over its gathered context.
+
+Every query, prefill or decode, attends to K/V read back from the cache after this step's tokens
+are written: with a quantized cache the new tokens too are seen dequantized, exactly as later steps
+will see them, so the output does not depend on how a prompt is split into chunks.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.metadata import AttentionMetadata
+from engine.kv.cache import LayerKV
+from engine.kv.quant import dequantize, has_slot_scales, write_quantized
 
 
 class TorchAttention:
@@ -20,27 +26,25 @@ class TorchAttention:
         q: torch.Tensor,  # [num_tokens, heads, head_dim]
         k: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKV,
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        k_cache, v_cache = kv_cache  # each [num_blocks, block_size, kv_heads, head_dim]
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+            out[:nd] = self._decode(q[:nd], kv_cache, meta, scale)
         starts = meta.query_start_loc
         for i in range(nd, meta.num_seqs):
             lo, hi = starts[i], starts[i + 1]
-            out[lo:hi] = self._prefill(q[lo:hi], k_cache, v_cache, meta, i, scale)
+            out[lo:hi] = self._prefill(q[lo:hi], kv_cache, meta, i, scale)
         return out
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(self, q, kv: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         nd = q.shape[0]
         tables = meta.block_tables[:nd]  # [nd, max_blocks]
-        keys = _gather(k_cache, tables)  # [nd, ctx, kv_heads, head_dim]
-        values = _gather(v_cache, tables)
+        keys, values = gather_kv(kv, tables, q.dtype)  # each [nd, ctx, kv_heads, head_dim]
         ctx = keys.shape[1]
         valid = torch.arange(ctx, device=q.device)[None, :] < meta.seq_lens[:nd, None]  # [nd, ctx]
         out = F.scaled_dot_product_attention(
@@ -53,13 +57,13 @@ class TorchAttention:
         )
         return out[:, :, 0, :]
 
-    def _prefill(self, q, k_cache, v_cache, meta: AttentionMetadata, i: int, scale: float):
+    def _prefill(self, q, kv: LayerKV, meta: AttentionMetadata, i: int, scale: float):
         seq_len = meta.seq_lens_host[i]
         q_len = q.shape[0]
         nblocks = -(-seq_len // meta.block_size)
         table = meta.block_tables[i : i + 1, :nblocks]
-        keys = _gather(k_cache, table)[0, :seq_len]  # [seq_len, kv_heads, head_dim]
-        values = _gather(v_cache, table)[0, :seq_len]
+        keys, values = gather_kv(kv, table, q.dtype)
+        keys, values = keys[0, :seq_len], values[0, :seq_len]  # [seq_len, kv_heads, head_dim]
         if q_len == seq_len:
             mask, causal = None, True
         else:
@@ -79,15 +83,32 @@ class TorchAttention:
         return out.transpose(0, 1)
 
 
-def write_kv(k_cache, v_cache, k, v, slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's K/V into their pages."""
-    kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, kv_heads, head_dim)[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(-1, kv_heads, head_dim)[slot_mapping] = v.to(v_cache.dtype)
+def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's K/V [num_tokens, kv_heads, head_dim] into their pages, quantized to the
+    cache's dtype."""
+    write_quantized(kv.k, kv.k_scale, k, slot_mapping)
+    write_quantized(kv.v, kv.v_scale, v, slot_mapping)
+
+
+def gather_kv(
+    kv: LayerKV, tables: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, max_blocks] block tables -> keys, values [n, max_blocks * bs, kv, d] in `dtype`."""
+    return (
+        dequantize(_gather(kv.k, tables), _gather_scale(kv.k, kv.k_scale, tables), dtype),
+        dequantize(_gather(kv.v, tables), _gather_scale(kv.v, kv.v_scale, tables), dtype),
+    )
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, bs, kv, d] pages + [n, max_blocks] tables -> [n, max_blocks * bs, kv, d]."""
+    """[num_blocks, bs, ...] pages + [n, max_blocks] tables -> [n, max_blocks * bs, ...]."""
     n, max_blocks = tables.shape
-    pages = cache[tables]  # [n, max_blocks, bs, kv, d]
+    pages = cache[tables]  # [n, max_blocks, bs, ...]
     return pages.reshape(n, max_blocks * cache.shape[1], *cache.shape[2:])
+
+
+def _gather_scale(
+    pages: torch.Tensor, scale: torch.Tensor | None, tables: torch.Tensor
+) -> torch.Tensor | None:
+    """Per-slot scales follow their pages through the tables; a per-layer scale stays as is."""
+    return _gather(scale, tables) if has_slot_scales(pages) else scale

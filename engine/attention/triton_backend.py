@@ -8,13 +8,21 @@ import torch
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.torch_ref import TorchAttention
 from engine.attention.triton_decode import paged_decode_attention
+from engine.kv.cache import LayerKV
 
 
 class TritonAttention(TorchAttention):
     name = "triton"
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(self, q, kv: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         nd = q.shape[0]
         return paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale
+            q,
+            kv.k,
+            kv.v,
+            meta.block_tables[:nd],
+            meta.seq_lens[:nd],
+            scale,
+            k_scale=kv.k_scale,
+            v_scale=kv.v_scale,
         )

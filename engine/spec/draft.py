@@ -18,6 +18,7 @@ from engine.config import EngineConfig
 from engine.kv.cache import KVCache, KVLayout
 from engine.kv.manager import KVCacheManager
 from engine.model.builder import load_model
+from engine.quant.kv_scales import kv_quant_for
 from engine.request import Request
 from engine.runner import ModelRunner, SeqChunk
 from engine.sampler import Sampler, SamplingRow, make_generator
@@ -42,9 +43,11 @@ class DraftProposer:
                 f"target {target_vocab}: a draft must share the target's tokenizer"
             )
         self.model = loaded.model
-        layout = KVLayout.of(self.model, target.block_size, loaded.dtype)
+        # The draft's pool is stored like the target's (kv_cache_dtype), with its own scales.
+        kv_quant = kv_quant_for(draft_config, loaded)
+        layout = KVLayout.of(self.model, target.block_size, loaded.dtype, kv_quant.kv_cache_dtype)
         self.kv = KVCacheManager(num_blocks, target.block_size, enable_prefix_caching=False)
-        self.cache = KVCache(layout, num_blocks, loaded.device)
+        self.cache = KVCache(layout, num_blocks, loaded.device, kv_quant.fp8_scales)
         backend = make_backend(
             target.attention_backend, loaded.device, target.block_size, self.model.head_dim
         )
