@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only where the engine builds a state: a client reading one needs none
+    import torch
 
-if TYPE_CHECKING:
     from engine.core import EngineCore
     from engine.request import Request
 
@@ -31,6 +32,10 @@ class StepStats:
     num_sampled: int
     num_preempted: int
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepStats:
+        return cls(**_known(cls, data))
+
 
 @dataclass(frozen=True)
 class RequestState:
@@ -48,6 +53,12 @@ class RequestState:
     @property
     def blocks_held(self) -> int:
         return len(self.blocks)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RequestState:
+        values = _known(cls, data)
+        values["blocks"] = tuple(values.get("blocks", ()))
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,30 @@ class EngineState:
         out["kv_usage"] = self.kv_usage
         return out
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EngineState:
+        """The inverse of `to_dict` (the JSON of /v1/engine/state): nested records rebuilt, lists
+        back to tuples. Keys it does not know (a newer server) are ignored; a missing one raises
+        ValueError unless the field has a default (an older server)."""
+        try:
+            values = _known(cls, data)
+            for key in ("running", "waiting", "preempted"):
+                values[key] = tuple(RequestState.from_dict(r) for r in values.get(key, ()))
+            values["recent_steps"] = tuple(
+                StepStats.from_dict(s) for s in values.get("recent_steps", ())
+            )
+            last = values.get("last_step")
+            values["last_step"] = StepStats.from_dict(last) if last else None
+            values["block_map"] = tuple(values.get("block_map", ()))
+            return cls(**values)
+        except (TypeError, AttributeError) as err:
+            raise ValueError(f"not an engine state: {err}") from None
+
+
+def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The items of `data` that are fields of the dataclass `cls`."""
+    return {f.name: data[f.name] for f in fields(cls) if f.name in data}
+
 
 def _request_state(request: Request, blocks: list[int], now: float) -> RequestState:
     rate = 0.0
@@ -113,6 +148,8 @@ def _request_state(request: Request, blocks: list[int], now: float) -> RequestSt
 
 
 def _device_memory(device: torch.device) -> tuple[int, int]:
+    import torch
+
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return total - free, total

@@ -1,5 +1,5 @@
-"""The engine as the panels see it: a small protocol, so that a remote engine (a later
-`--attach URL` client) can replace the in-process one without the panels noticing.
+"""The engine as the panels see it: a small protocol, so that a remote engine (`--attach URL`,
+`panels.remote_client`) can replace the in-process one without the panels noticing.
 
 Importing this module is cheap (no torch): the in-process engine is imported only when
 `LocalEngineClient.load` runs, in a worker thread, so the UI is up before the model is.
@@ -101,6 +101,11 @@ class EngineClient(Protocol):
     @property
     def engine_config(self) -> dict[str, Any]: ...
 
+    @property
+    def error(self) -> str | None:
+        """Why the engine cannot be reached now (a server that stopped answering); else None."""
+        ...
+
     def chat(
         self, messages: list[ChatMessage], params: ChatParams, request_id: str
     ) -> AsyncIterator[ChatChunk]:
@@ -171,6 +176,10 @@ class LocalEngineClient:
     def engine_config(self) -> dict[str, Any]:
         return dict(self._config)
 
+    @property
+    def error(self) -> str | None:
+        return None  # in this process: it is there as long as the app is
+
     async def chat(
         self, messages: list[ChatMessage], params: ChatParams, request_id: str
     ) -> AsyncIterator[ChatChunk]:
@@ -208,9 +217,12 @@ class EngineHandle:
     asked for early simply awaits `wait()`.
     """
 
-    def __init__(self, model: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, model: str, options: dict[str, Any] | None = None, remote: str | None = None
+    ) -> None:
         self.model = model  # what was asked for; the client's model_name once ready
         self.options = dict(options or {})  # the engine options asked for
+        self.remote = remote  # the server's URL when attached to one (`launch --attach`)
         self.client: EngineClient | None = None
         self.error: str | None = None
         self._settled = asyncio.Event()

@@ -1,4 +1,5 @@
-"""What the monitor samples besides the engine: NVIDIA GPUs through NVML, else CPU and RAM.
+"""What the monitor samples besides the engine: NVIDIA GPUs through NVML, else CPU and RAM; for a
+server the TUI is attached to, what its engine state says of its device (`RemoteHardware`).
 
 `SystemHardware.sample()` may take a few milliseconds per GPU, so the monitor calls it from a
 worker thread. Tests give the monitor a `FixedHardware` instead, so snapshots hold still.
@@ -42,10 +43,22 @@ class HostSample:
 
 
 @dataclass(frozen=True)
+class RemoteDevice:
+    """The device of a server the TUI is attached to, as its engine state reports it."""
+
+    url: str
+    device: str  # cuda:0, cpu, ... ("" until the server has answered)
+    memory_used: int  # bytes: the GPU's used memory, or the server process's RSS on a CPU
+    memory_total: int
+    error: str | None = None  # why the server does not answer now
+
+
+@dataclass(frozen=True)
 class HardwareSample:
     gpus: tuple[GpuSample, ...]
-    host: HostSample
+    host: HostSample | None  # None: not this machine's (attached to a server)
     no_gpu_reason: str | None = None  # why there are no GPUs, for the user
+    remote: RemoteDevice | None = None
 
 
 class HardwareSource(Protocol):
@@ -62,6 +75,30 @@ class FixedHardware:
 
     def sample(self) -> HardwareSample:
         return self._samples.pop(0) if len(self._samples) > 1 else self._samples[0]
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteHardware:
+    """The attached server's device memory, from the engine states its client polls: NVML and
+    psutil would measure this machine, not the server's."""
+
+    def __init__(self, handle: Any, url: str) -> None:
+        self.handle = handle  # an EngineHandle: its client and state appear once attached
+        self.url = url
+
+    def sample(self) -> HardwareSample:
+        state = self.handle.state()
+        error = getattr(self.handle.client, "error", None) or self.handle.error
+        remote = RemoteDevice(
+            url=self.url,
+            device=state.device if state is not None else "",
+            memory_used=state.device_memory_used if state is not None else 0,
+            memory_total=state.device_memory_total if state is not None else 0,
+            error=error,
+        )
+        return HardwareSample(gpus=(), host=None, remote=remote)
 
     def close(self) -> None:
         pass

@@ -125,15 +125,21 @@ class MonitorPanel(VerticalScroll):
 
     def _show_status(self) -> None:
         status = self.query_one("#monitor-status", Static)
+        handle = self.handle
+        lost = getattr(handle.client, "error", None)
         if self.paused:
             status.update("[$warning]paused[/]: p resumes")
-        elif self.handle.status == "loading":
-            status.update(f"[$text-muted]loading model {self.handle.model}…[/]")
-        elif self.handle.status == "failed":
-            status.update(
-                f"[$error]the engine failed to load: {escape(self.handle.error or '')}[/]"
-            )
-        status.display = self.paused or self.handle.status != "ready"
+        elif handle.status == "loading" and handle.remote:
+            status.update(f"[$text-muted]attaching to {escape(handle.remote)}…[/]")
+        elif handle.status == "loading":
+            status.update(f"[$text-muted]loading model {handle.model}…[/]")
+        elif handle.status == "failed" and handle.remote:
+            status.update(f"[$error]cannot attach: {escape(handle.error or '')}[/]")
+        elif handle.status == "failed":
+            status.update(f"[$error]the engine failed to load: {escape(handle.error or '')}[/]")
+        elif lost:
+            status.update(f"[$error]{escape(lost)}[/] · the last state it sent is shown")
+        status.display = self.paused or handle.status != "ready" or bool(lost)
 
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused

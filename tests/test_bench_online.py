@@ -9,6 +9,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -232,3 +233,13 @@ def test_goodput_counts_requests_that_meet_every_slo():
     assert res["errors"] == {"HTTP 400: too long": 1}
     assert res["tpot_ms"]["p50"] == pytest.approx(100.0)
     assert summarize_online(results, 2.0, {"e2e": 0})["goodput"] == 0.0
+
+
+def test_request_id_extension_names_the_request(server):
+    """vLLM's `request_id` field: the response id (and the engine's request) carry it."""
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 2, "request_id": "bench-7"}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    out = httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=60)
+    assert out.status_code == 200 and out.json()["id"] == "cmpl-bench-7"
+    body["request_id"] = "x" * 129
+    assert httpx.post(server.url + "/v1/completions", json=body, headers=headers).status_code == 400

@@ -2,7 +2,9 @@
 
 `run_app(args)` is what `workbench launch` calls. The engine loads in a worker thread, so the UI is
 usable at once ("loading model…" until it is ready); the panels reach it through an
-`EngineHandle`, never through the engine's internals.
+`EngineHandle`, never through the engine's internals. With `--attach URL` the engine is a running
+server's (`RemoteEngineClient`), and the monitor shows the server's device instead of this
+machine's.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from panels.build import BuildPanel
 from panels.chat import ChatPanel
 from panels.client import EngineClient, EngineHandle, LocalEngineClient
 from panels.format import short_model_name
-from panels.hardware import HardwareSource
+from panels.hardware import HardwareSource, RemoteHardware
 from panels.monitor import MonitorPanel
+from panels.remote_client import ServerUnavailable
 from panels.sessions import SessionsPanel
 from panels.widgets.chat_view import ChatView
 from panels.widgets.help_screen import HelpScreen, KeyHelp, key_help
@@ -68,8 +71,10 @@ class WorkbenchApp(App[int]):
         super().__init__()
         self.settings = settings
         self.store = store
-        self.handle = EngineHandle(settings.model, settings.engine)
+        self.handle = EngineHandle(settings.model, settings.engine, remote=settings.attach)
         self._injected = client
+        if hardware is None and settings.attach:  # the server's device, not this machine's
+            hardware = RemoteHardware(self.handle, settings.attach)
         self._hardware = hardware
         self._monitor_interval = (
             settings.monitor_interval if monitor_interval is None else monitor_interval or None
@@ -125,9 +130,12 @@ class WorkbenchApp(App[int]):
 
     def _load_engine(self) -> None:
         try:
-            client = LocalEngineClient.load(self.settings.model, **self.settings.engine)
+            client = self._connect()
         except Exception as e:  # any failure to load is shown, never a crash
-            message = f"{type(e).__name__}: {e}".splitlines()[0]
+            if isinstance(e, ServerUnavailable):  # its message says it all
+                message = str(e)
+            else:
+                message = f"{type(e).__name__}: {e}".splitlines()[0]
             try:
                 self.call_from_thread(self._engine_failed, message)
             except RuntimeError:
@@ -138,15 +146,30 @@ class WorkbenchApp(App[int]):
         except RuntimeError:  # the app closed while the model loaded
             client.close()
 
+    def _connect(self) -> EngineClient:
+        """The engine: attached to a server (`--attach`), else loaded in this process."""
+        if self.settings.attach:
+            from panels.remote_client import RemoteEngineClient
+
+            return RemoteEngineClient.connect(self.settings.attach, self.settings.api_key)
+        return LocalEngineClient.load(self.settings.model, **self.settings.engine)
+
     def _engine_ready(self, client: EngineClient) -> None:
         self.handle.set_ready(client)
         self.refresh_status()
-        self.notify(f"Model {short_model_name(client.model_name)} is ready.", timeout=3)
+        name = short_model_name(client.model_name)
+        if self.settings.attach:
+            self.notify(f"Attached to {self.settings.attach}: model {name}.", timeout=3)
+        else:
+            self.notify(f"Model {name} is ready.", timeout=3)
 
     def _engine_failed(self, message: str) -> None:
         self.handle.set_failed(message)
         self.refresh_status()
-        self.notify(message, title="The model failed to load", severity="error", timeout=20)
+        title = (
+            "Cannot attach to the server" if self.settings.attach else "The model failed to load"
+        )
+        self.notify(message, title=title, severity="error", timeout=20)
 
     def refresh_status(self) -> None:
         handle = self.handle
@@ -155,15 +178,23 @@ class WorkbenchApp(App[int]):
         except NoMatches:  # shutting down
             return
         name = escape(short_model_name(handle.client.model_name if handle.client else handle.model))
-        if handle.status == "loading":
+        remote = escape(handle.remote.split("://", 1)[-1]) if handle.remote else ""
+        lost = getattr(handle.client, "error", None)
+        if handle.status == "loading" and remote:
+            text = f"[$warning]◌ attaching to {remote}…[/] you can type already"
+        elif handle.status == "loading":
             text = f"[$warning]◌ loading model {name}…[/] you can type already"
+        elif handle.status == "failed" and remote:
+            text = f"[$error]✗ cannot attach:[/] {escape(handle.error or '')}"
         elif handle.status == "failed":
             text = f"[$error]✗ model {name} failed to load:[/] {escape(handle.error or '')}"
+        elif lost:
+            text = f"[$error]✗ {name} @ {remote}:[/] {escape(lost)}"
         else:
             state = handle.state()
             config = handle.client.engine_config if handle.client else {}
-            text = f"[$success]●[/] [b]{name}[/b] [$text-muted]{config.get('device', '?')}"
-            text += f" {config.get('dtype', '?')}[/]"
+            text = f"[$success]●[/] [b]{name}[/b]" + (f" @ {remote}" if remote else "")
+            text += f" [$text-muted]{config.get('device', '?')} {config.get('dtype', '?')}[/]"
             if state is not None:
                 text += (
                     f" · {len(state.running)} running · {len(state.waiting)} waiting"

@@ -19,7 +19,7 @@ import shlex
 import sys
 from typing import Any
 
-from workbench.serve_cmd import API_KEY_ENV
+from workbench import cli
 
 DESCRIPTION = """\
 offline (default): the engine runs in this process, at a fixed concurrency; every request is
@@ -48,24 +48,10 @@ ONLINE_ONLY = (
     ("tokenizer", "--tokenizer"),
     ("timeout", "--timeout"),
 )
-ENGINE_ONLY = (
-    ("dtype", "--dtype"),
-    ("device", "--device"),
-    ("block_size", "--block-size"),
-    ("max_num_tokens", "--max-num-tokens"),
-    ("max_num_seqs", "--max-num-seqs"),
-    ("max_model_len", "--max-model-len"),
-    ("num_kv_blocks", "--num-kv-blocks"),
-    ("enable_prefix_caching", "--no-prefix-caching"),
-    ("load_format", "--load-format"),
-    ("speculative", "--speculative"),
-)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `bench` command to the CLI's subparsers; it runs `run(args)`."""
-    from workbench import cli
-
     help = "benchmark: offline through the engine, or online against a server (--url)"
     p = subparsers.add_parser(
         "bench",
@@ -108,7 +94,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--max-concurrency", type=int, metavar="N", help="most requests in flight")
     g.add_argument(
         "--api-key",
-        help=f"sent as 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})",
+        help=f"sent as 'Authorization: Bearer KEY' (default: ${cli.API_KEY_ENV})",
     )
     g.add_argument(
         "--goodput",
@@ -136,10 +122,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.url is None:
-        _refuse(args, ONLINE_ONLY, "only with --url (online)")
+        _refuse(_given(args, ONLINE_ONLY), "only with --url (online)")
         report, model = _offline(args)
     else:
-        _refuse(args, OFFLINE_ONLY + ENGINE_ONLY, "not with --url (the server has its engine)")
+        given = _given(args, OFFLINE_ONLY) + cli.engine_flags_given(args, skip=("model",))
+        _refuse(given, "not with --url (the server has its engine)")
         report = _online(args)
         if report is None:
             return 1
@@ -167,8 +154,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse(args: argparse.Namespace, options: tuple[tuple[str, str], ...], why: str) -> None:
-    given = [flag for dest, flag in options if getattr(args, dest, None) is not None]
+def _given(args: argparse.Namespace, options: tuple[tuple[str, str], ...]) -> list[str]:
+    return [flag for dest, flag in options if getattr(args, dest, None) is not None]
+
+
+def _refuse(given: list[str], why: str) -> None:
     if given:
         hint = "; --max-concurrency limits requests in flight" if "--concurrency" in given else ""
         raise ValueError(f"{', '.join(given)}: {why}{hint}")
@@ -176,7 +166,6 @@ def _refuse(args: argparse.Namespace, options: tuple[tuple[str, str], ...], why:
 
 def _offline(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from engine.bench import BenchConfig, format_report, run_benchmark
-    from workbench import cli
 
     if args.model is None:
         args.model = "tiny"
@@ -237,7 +226,7 @@ def _online(args: argparse.Namespace) -> dict[str, Any] | None:
         timeout_s=args.timeout if args.timeout is not None else 600.0,
     )
     try:
-        api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+        api_key = args.api_key or os.environ.get(cli.API_KEY_ENV) or None
         report = run_online_benchmark(config, api_key, command=_redact(args.command_line))
     except OnlineBenchError as err:
         print(f"workbench: error: {err}", file=sys.stderr)

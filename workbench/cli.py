@@ -4,6 +4,7 @@
     workbench chat --system "You are terse."
     workbench bench --num-requests 32 --input-len 128 --output-len 128 --compare hf
     workbench launch
+    workbench launch --attach http://gpu-box:8000 --api-key KEY
 
 Engine options map onto `EngineConfig` in `engine_config_from_args` and sampling options onto
 `SamplingParams` in `sampling_params_from_args`, and nowhere else; an option left out keeps the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -24,6 +26,7 @@ from typing import Any, NoReturn
 from engine.config import KV_CACHE_DTYPES, EngineConfig, SamplingParams
 
 PROG = "workbench"
+API_KEY_ENV = "WORKBENCH_API_KEY"  # the server's key: `serve --api-key`, `bench --url`, `--attach`
 EXIT_USAGE = 2  # bad arguments or values, unknown model: what argparse uses too
 EXIT_INTERRUPTED = 130
 
@@ -196,8 +199,33 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return ChatREPL.from_config(config, params, system=args.system).run()
 
 
+def engine_flags_given(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """The engine options on the command line (for commands where the engine is a server's)."""
+    flags = {name: "--" + name.replace("_", "-") for name in (*_ENGINE_FIELDS, "speculative")}
+    flags["enable_prefix_caching"] = "--no-prefix-caching"
+    return [
+        flag
+        for name, flag in flags.items()
+        if name not in skip and getattr(args, name, None) is not None
+    ]
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
-    args.engine_config = engine_config_from_args(args)  # validated before the TUI starts
+    if args.attach is not None:
+        given = engine_flags_given(args)
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: not with --attach (the server runs its own engine; "
+                "'workbench serve' takes the engine options)"
+            )
+        from panels.remote_client import base_url
+
+        args.attach = base_url(args.attach)  # a bad URL fails before the TUI starts
+        args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    else:
+        if args.api_key:
+            raise UsageError("--api-key: only with --attach URL")
+        args.engine_config = engine_config_from_args(args)  # validated before the TUI starts
     try:
         from workbench.app import run_app
     except ImportError as err:
@@ -233,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("launch", cmd_launch, "start the TUI")
     add_engine_args(p, model_default=None)
     p.add_argument("--db", metavar="PATH", help="the sessions database (default: the store's)")
+    g = p.add_argument_group("attach to a running server instead of loading an engine")
+    g.add_argument(
+        "--attach",
+        metavar="URL",
+        help="chat with and monitor the Workbench server at URL (workbench serve), local or remote",
+    )
+    g.add_argument("--api-key", help=f"the attached server's API key (default: ${API_KEY_ENV})")
 
     p = command("generate", cmd_generate, "complete prompts and print the outputs")
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="repeatable")

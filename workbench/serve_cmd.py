@@ -13,8 +13,9 @@ import argparse
 import os
 from typing import Any
 
+from workbench.cli import API_KEY_ENV
+
 DEFAULT_MAX_QUEUE = 256
-API_KEY_ENV = "WORKBENCH_API_KEY"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 Config: ``$WORKBENCH_HOME/config.toml``, else ``$XDG_CONFIG_HOME/workbench/config.toml``, else
 ``~/.config/workbench/config.toml`` (read with tomllib; a missing file means defaults).
 Data (the SQLite store, exports): ``store.default_data_dir()`` (``$WORKBENCH_HOME`` wins there too).
-Command-line options win over the file: ``--model``, ``--db`` and the engine options.
+Command-line options win over the file: ``--model``, ``--db`` and the engine options;
+``--attach URL`` (with ``--api-key``) uses a running server instead of an engine of its own.
 
 An example config.toml::
 
@@ -82,6 +83,8 @@ class Settings:
     db_path: Path = field(default_factory=default_db_path)
     data_dir: Path = field(default_factory=default_data_dir)
     config_file: Path | None = None  # the file these came from, if any
+    attach: str | None = None  # a server's URL: chat with and monitor it (`launch --attach`)
+    api_key: str | None = None  # the attached server's key
 
     @property
     def exports_dir(self) -> Path:
@@ -149,6 +152,8 @@ def settings_from_args(args: Any) -> Settings:
         settings.model = str(model)
     if db := getattr(args, "db", None):
         settings.db_path = Path(db).expanduser()
+    settings.attach = getattr(args, "attach", None)
+    settings.api_key = getattr(args, "api_key", None)
     for name in ENGINE_OPTIONS:
         value = getattr(args, name, None)
         if value is not None:

@@ -50,7 +50,7 @@ async def create_chat_completion(
     )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, structured=spec)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
     subs = [SubRequest(i, prompt, p, f"{request_id}-{i}") for i, p in enumerate(params)]
     await ctx.compile(spec)
     created = int(time.time())

@@ -36,7 +36,7 @@ async def create_completion(
         raise bad_request("suffix is not supported", param="suffix")
     prompts = ctx.prompts.completion(req)
     spec = structured_spec(req)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
     subs: list[SubRequest] = []
     for p, ids in enumerate(prompts):
         max_tokens = resolve_max_tokens(

@@ -85,6 +85,7 @@ class SamplingRequest(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
+    request_id: str | None = Field(default=None, max_length=128)  # vLLM's: names it in the engine
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_grammar: str | None = None

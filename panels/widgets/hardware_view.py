@@ -9,7 +9,7 @@ from rich.text import Text
 from textual.widget import Widget
 
 from panels.format import human_bytes
-from panels.hardware import GpuSample, HardwareSample
+from panels.hardware import GpuSample, HardwareSample, RemoteDevice
 from panels.widgets.history import History, spark
 
 LABEL = 6  # width of the row labels ("util  ", "procs ")
@@ -32,12 +32,18 @@ class HardwareView(Widget):
         for gpu in sample.gpus:
             self.history[f"gpu{gpu.index}.util"].add(gpu.utilization)
             self.history[f"gpu{gpu.index}.mem"].add(_pct(gpu.memory_used, gpu.memory_total))
-        self.history["cpu"].add(sample.host.cpu_percent)
-        self.history["ram"].add(_pct(sample.host.ram_used, sample.host.ram_total))
+        if sample.host is not None:
+            self.history["cpu"].add(sample.host.cpu_percent)
+            self.history["ram"].add(_pct(sample.host.ram_used, sample.host.ram_total))
+        if sample.remote is not None and sample.remote.memory_total:
+            remote = sample.remote
+            self.history["remote.mem"].add(_pct(remote.memory_used, remote.memory_total))
 
     def show(self) -> None:
         sample = self.sample
-        if sample is not None:
+        if sample is not None and sample.remote is not None:
+            self.border_title = "Server"
+        elif sample is not None:
             self.border_title = f"GPU ×{len(sample.gpus)}" if sample.gpus else "CPU and RAM"
         lines = len(self.render().plain.splitlines())
         self.refresh(layout=lines != self._lines)  # a layout only when the height changes
@@ -49,6 +55,9 @@ class HardwareView(Widget):
             return Text("sampling…", style="dim")
         width = max(self.size.width, 20)
         text = Text()
+        if sample.remote is not None:
+            self._remote(text, sample.remote, width)
+            return text
         if sample.gpus:
             for gpu in sample.gpus:
                 self._gpu(text, gpu, width)
@@ -56,11 +65,29 @@ class HardwareView(Widget):
             reason = sample.no_gpu_reason or "no NVIDIA GPU"
             text.append(f"{reason[:1].upper()}{reason[1:]}: showing CPU and RAM.\n", style="bold")
         host = sample.host
+        if host is None:
+            return text
         cpu = f"{host.cpu_percent:5.1f}% of {host.cpu_count} cores "
         self._row(text, "CPU", cpu, self.history["cpu"], width, 100.0)
         ram = f"{human_bytes(host.ram_used)} / {human_bytes(host.ram_total)} "
         self._row(text, "RAM", ram, self.history["ram"], width, 100.0, last=True)
         return text
+
+    def _remote(self, text: Text, remote: RemoteDevice, width: int) -> None:
+        text.append("Server ", style="bold")
+        text.append(remote.url + (f" · {remote.device}" if remote.device else "") + "\n")
+        if remote.error:
+            text.append(f"{remote.error}\n", style="bold red")
+        if not remote.device:
+            text.append("waiting for the server…", style="dim")
+            return
+        gpu = remote.device.startswith("cuda")
+        label = "mem" if gpu else "RSS"
+        value = f"{human_bytes(remote.memory_used)} / {human_bytes(remote.memory_total)} "
+        self._row(text, label, value, self.history["remote.mem"], width, 100)
+        what = "GPU memory" if gpu else "the server's RSS of its host's RAM"
+        note = f"{what} (engine state); no utilization over HTTP"
+        text.append(note if len(note) <= width else note[: width - 1] + "…", style="dim")
 
     def _gpu(self, text: Text, gpu: GpuSample, width: int) -> None:
         text.append(f"GPU {gpu.index} ", style="bold")
