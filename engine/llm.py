@@ -16,6 +16,7 @@ from typing import Any
 from engine.config import EngineConfig, SamplingParams
 from engine.core import EngineCore
 from engine.outputs import RequestMetrics, RequestOutput
+from engine.quant.engine_dir import with_serving_defaults
 from engine.state import EngineState
 
 Prompt = str | list[int]
@@ -51,7 +52,7 @@ class LLM:
     """Offline inference: `generate` blocks until every prompt is done."""
 
     def __init__(self, model: str = "tiny", **kwargs: Any) -> None:
-        self.config = EngineConfig(model=model, **kwargs)
+        self.config = EngineConfig(model=model, **with_serving_defaults(model, kwargs))
         self.engine = EngineCore(self.config)
 
     @property
@@ -114,7 +115,7 @@ class AsyncLLM:
     request and frees its pages."""
 
     def __init__(self, model: str = "tiny", **kwargs: Any) -> None:
-        self.config = EngineConfig(model=model, **kwargs)
+        self.config = EngineConfig(model=model, **with_serving_defaults(model, kwargs))
         self.engine = EngineCore(self.config)
         self._lock = threading.Lock()  # guards the engine between the loop thread and callers
         self._work = threading.Event()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from .base import loads
@@ -129,6 +129,10 @@ class Build:
     timings: dict[str, Any]
     created_at: str
     updated_at: str
+    stage: str | None = None  # the stage a running build is in (load, calibrate, ...)
+    error: str | None = None  # why it failed
+    options: dict[str, Any] = field(default_factory=dict)  # what it was started with
+    pid: int | None = None  # the process that runs it
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Build:
@@ -143,6 +147,10 @@ class Build:
             timings=loads(row["timings"]),
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            stage=row.get("stage"),
+            error=row.get("error"),
+            options=loads(row.get("options")),
+            pid=row.get("pid"),
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .base import StoreBase, dumps, locked, utc_now
@@ -29,10 +30,13 @@ class RunsMixin(StoreBase):
         status: BuildStatus = "running",
         report: dict[str, Any] | None = None,
         timings: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+        pid: int | None = None,
     ) -> int:
         """Record a build, usually when it starts (status "running"); finish it with update_build().
 
-        Recording at the start means a build that crashes the process still shows up.
+        Recording at the start means a build that crashes the process still shows up; `pid`
+        (default: this process) lets `fail_dead_builds` tell such a build from a live one.
         """
         check_choice("status", status, BUILD_STATUSES)
         now = utc_now()
@@ -45,6 +49,8 @@ class RunsMixin(StoreBase):
                 "status": status,
                 "report": dumps(report),
                 "timings": dumps(timings),
+                "options": dumps(options),
+                "pid": os.getpid() if pid is None else pid,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -58,8 +64,11 @@ class RunsMixin(StoreBase):
         status: BuildStatus | None = None,
         report: dict[str, Any] | None = None,
         timings: dict[str, Any] | None = None,
+        stage: str | None = None,
+        error: str | None = None,
     ) -> None:
-        """Set the given fields of a build (its outcome, report and per-stage timings)."""
+        """Set the given fields of a build (its outcome, report, per-stage timings, the stage it
+        is in, why it failed)."""
         values: dict[str, Any] = {}
         if status is not None:
             check_choice("status", status, BUILD_STATUSES)
@@ -68,7 +77,28 @@ class RunsMixin(StoreBase):
             values["report"] = dumps(report)
         if timings is not None:
             values["timings"] = dumps(timings)
+        if stage is not None:
+            values["stage"] = stage
+        if error is not None:
+            values["error"] = error
         self._update("builds", build_id, values)
+
+    @locked
+    def fail_dead_builds(self) -> list[int]:
+        """Mark "running" builds whose process is gone (killed, crashed) as failed; their ids.
+        Only meaningful on the machine that ran them, where the store lives."""
+        dead = [
+            row["id"]
+            for row in self.table("builds").rows_where("status = ?", ["running"])
+            if row["pid"] is not None and not _pid_alive(row["pid"])
+        ]
+        for build_id in dead:
+            self._update(
+                "builds",
+                build_id,
+                {"status": "failed", "error": "the build process ended without finishing"},
+            )
+        return dead
 
     @locked
     def get_build(self, build_id: int) -> Build:
@@ -133,3 +163,13 @@ class RunsMixin(StoreBase):
             " AND ".join(wheres) or None, args, order_by="id DESC", limit=limit, offset=offset
         )
         return [BenchRun.from_row(row) for row in rows]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -103,4 +103,15 @@ def _v1_initial(db: Database) -> None:
     db.table("bench_runs").create_index(["kind", "id"])
 
 
-MIGRATIONS: list[Migration] = [_v1_initial]
+def _v2_build_progress(db: Database) -> None:
+    """Builds: the stage a running build is in, why one failed, the options it was started with
+    (to show and to rerun it) and the process that runs it (to tell a dead build from a live one).
+    """
+    builds = db.table("builds")
+    builds.add_column("stage", str)
+    builds.add_column("error", str)
+    builds.add_column("options", str)  # JSON
+    builds.add_column("pid", int)
+
+
+MIGRATIONS: list[Migration] = [_v1_initial, _v2_build_progress]

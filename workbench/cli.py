@@ -115,7 +115,12 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         values["speculative"] = {"method": method, "num_tokens": args.spec_tokens}
         if method == "draft":
             values["speculative"]["model"] = args.draft_model
-    return EngineConfig(**{k: v for k, v in values.items() if v is not None})
+    given = {k: v for k, v in values.items() if v is not None}
+    if given.get("model") is not None:  # an engine directory's stored serving defaults
+        from engine.quant.engine_dir import with_serving_defaults
+
+        given = with_serving_defaults(given["model"], given)
+    return EngineConfig(**given)
 
 
 def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
@@ -285,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     add_sampling_args(p, max_tokens=256)
 
-    # `bench` (offline and online) and `serve` live in their own modules.
-    from workbench import bench_cmd, serve_cmd
+    # `bench` (offline and online), `build` and `serve` live in their own modules.
+    from workbench import bench_cmd, build_cmd, serve_cmd
 
     bench_cmd.add_parser(sub)
+    build_cmd.add_parser(sub)
     serve_cmd.add_parser(sub)
     return parser
 
