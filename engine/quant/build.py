@@ -171,15 +171,19 @@ def plan_build(spec: BuildSpec) -> BuildPlan:
         out = Path(spec.out).expanduser().absolute()
         engine_dir.check_output_dir(out, spec.force)
 
+        if spec.model in _presets() and spec.load_format != "dummy":
+            raise BuildError(
+                f"{spec.model} is a preset (shapes, no weights): add --load-format dummy"
+            )
         if spec.load_format == "dummy":
             hf_config = loader.dummy_config(spec.model)
             source_dir = None if spec.model in _presets() else loader.resolve_model_dir(spec.model)
         else:
             source_dir = loader.resolve_model_dir(spec.model)
+            if engine_dir.is_engine_dir(source_dir):
+                raise BuildError(f"{source_dir} is already a built engine; build from its source")
             hf_config = loader.load_config(source_dir)
             loader.safetensors_files(source_dir)  # the weights are there and readable
-        if source_dir is not None and engine_dir.is_engine_dir(source_dir):
-            raise BuildError(f"{source_dir} is already a built engine; build from its source")
         tokenizer = loader.load_tokenizer(source_dir) if source_dir is not None else None
         export_dtype = _export_dtype(spec.dtype, hf_config)
         calib_stream = None
