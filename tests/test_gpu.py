@@ -103,3 +103,45 @@ def test_speculative_decoding_on_gpu_is_lossless(gpu_checkpoint):
     assert [o.token_ids for o in spec.generate(prompts, params)] == [
         o.token_ids for o in plain.generate(prompts, params)
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("store", ["auto", "fp8", "int8"])
+def test_kv_write_kernel_equals_the_reference_write(dtype, store):
+    from engine.attention.triton_kv_write import write_kv_triton
+    from engine.kv.cache import LayerKV
+    from engine.kv.quant import write_quantized
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    nb, bs, kvh, hd = 64, 16, 8, 128
+    pages_dtype = {"auto": dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[store]
+
+    def fresh() -> LayerKV:
+        pages = torch.zeros(nb, bs, kvh, hd, dtype=pages_dtype, device="cuda")
+        if store == "fp8":
+            scales = torch.tensor(0.01, device="cuda"), torch.tensor(0.02, device="cuda")
+        elif store == "int8":
+            scales = (
+                torch.zeros(nb, bs, kvh, device="cuda"),
+                torch.zeros(nb, bs, kvh, device="cuda"),
+            )
+        else:
+            scales = None, None
+        return LayerKV(pages, pages.clone(), *scales)
+
+    k = (torch.randn(300, kvh, hd, device="cuda", generator=gen) * 3).to(dtype)
+    v = torch.randn_like(k)
+    k[0, 0] = 0
+    slots = torch.randperm(nb * bs, device="cuda", generator=gen)[:300]
+    ref, out = fresh(), fresh()
+    write_quantized(ref.k, ref.k_scale, k, slots)
+    write_quantized(ref.v, ref.v_scale, v, slots)
+    write_kv_triton(out, k, v, slots)
+    for a, b in ((ref.k, out.k), (ref.v, out.v)):
+        assert (
+            torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            if a.itemsize == 1
+            else (torch.equal(a, b))
+        )
+    if store == "int8":
+        assert torch.equal(ref.k_scale, out.k_scale) and torch.equal(ref.v_scale, out.v_scale)

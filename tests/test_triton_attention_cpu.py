@@ -1,7 +1,10 @@
-"""The Triton paged decode kernel on the CPU, through Triton's interpreter (TRITON_INTERPRET=1
-must be set before triton compiles anything, so the checks run in a subprocess): split-K results
-against the torch reference for every split count, and the fp8/int8 dequantizing loads against
-the same kernel over dequantized pages. The interpreter has no bfloat16; float16 stands in for it.
+"""The Triton attention kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1
+must be set before triton compiles anything, so the checks run in subprocesses): split-K decode
+results against the torch reference for every split count, the fp8/int8 dequantizing loads
+against the same kernel over dequantized pages, and the K/V write kernel against
+`write_quantized`. The interpreter has no bfloat16 (float16 stands in for it), and its float8
+cast neither rounds ties to even nor keeps subnormals, so fp8 writes are checked on the GPU only
+(tests/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -65,13 +68,65 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_split_k_decode_kernel_under_the_interpreter():
+WRITE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from engine.attention.triton_kv_write import write_kv_triton
+    from engine.kv.cache import LayerKV
+    from engine.kv.quant import write_quantized
+
+    gen = torch.Generator().manual_seed(0)
+    worst = {}
+    for dtype in (torch.float32, torch.float16):
+        for store in ("auto", "int8"):  # fp8: the interpreter's float8 cast is not torch's
+            nb, bs, kvh, hd = 4, 4, 2, 24  # head_dim 24: a masked tail in the kernel
+            pd = {"auto": dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[store]
+
+            def fresh():
+                kp = torch.zeros(nb, bs, kvh, hd, dtype=pd)
+                if store == "fp8":
+                    return LayerKV(kp, kp.clone(), torch.tensor(0.05), torch.tensor(0.07))
+                if store == "int8":
+                    scales = torch.zeros(nb, bs, kvh)
+                    return LayerKV(kp, kp.clone(), scales, scales.clone())
+                return LayerKV(kp, kp.clone())
+
+            k = (torch.randn(5, kvh, hd, generator=gen) * 3).to(dtype)
+            v = torch.randn_like(k)
+            k[0, 0] = 0  # an all-zero head gets the minimum scale
+            slots = torch.tensor([3, 0, 15, 7, 8])
+            ref, out = fresh(), fresh()
+            write_quantized(ref.k, ref.k_scale, k, slots)
+            write_quantized(ref.v, ref.v_scale, v, slots)
+            write_kv_triton(out, k, v, slots)
+            err = max((ref.k.float() - out.k.float()).abs().max().item(),
+                      (ref.v.float() - out.v.float()).abs().max().item())
+            if store == "int8":
+                err = max(err, (ref.k_scale - out.k_scale).abs().max().item(),
+                          (ref.v_scale - out.v_scale).abs().max().item())
+            worst[store] = max(worst.get(store, 0.0), err)
+    print(worst)
+    """
+)
+
+
+def _interpret(script: str) -> dict[str, float]:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    worst = eval(done.stdout.strip().splitlines()[-1])  # {case: max abs error}
+    return eval(done.stdout.strip().splitlines()[-1])  # {case: max abs error}
+
+
+def test_kv_write_kernel_under_the_interpreter():
+    worst = _interpret(WRITE_SCRIPT)
+    assert worst["auto"] == 0.0
+    assert worst["int8"] == 0.0
+
+
+def test_split_k_decode_kernel_under_the_interpreter():
+    worst = _interpret(SCRIPT)
     assert worst["torch.float32"] < 1e-5
     assert worst["torch.float16"] < 5e-3
     assert worst["int8"] < 1e-5

@@ -21,6 +21,10 @@ from engine.kv.quant import dequantize, has_slot_scales, write_quantized
 class TorchAttention:
     name = "torch"
 
+    @staticmethod
+    def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        write_kv(kv, k, v, slots)
+
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, heads, head_dim]
@@ -30,7 +34,7 @@ class TorchAttention:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        self.write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:

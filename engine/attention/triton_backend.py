@@ -1,5 +1,5 @@
-"""GPU attention: decodes through the Triton paged kernel, prefill chunks through the reference
-path (SDPA per sequence, flash attention on the GPU)."""
+"""GPU attention: K/V written by one Triton kernel, decodes through the Triton paged kernel,
+prefill chunks through the reference path (SDPA per sequence, flash attention on the GPU)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import torch
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.torch_ref import TorchAttention
 from engine.attention.triton_decode import paged_decode_attention
+from engine.attention.triton_kv_write import write_kv_triton
 from engine.kv.cache import LayerKV
 
 
 class TritonAttention(TorchAttention):
     name = "triton"
+    write_kv = staticmethod(write_kv_triton)  # K and V of a layer in one launch
 
     def _decode(self, q, kv: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         nd = q.shape[0]
