@@ -46,6 +46,14 @@ class DecodeGraphs:
         self.slot_mapping = torch.zeros(n, **i64)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, **i64)  # [max_batch, max_blocks]
         self.seq_lens = torch.ones(n, **i64)
+        # The step's inputs are written on the host into pinned memory and sent with a few async
+        # copies. Reusing it each step is safe: the sampler's .tolist() waits for the step, so the
+        # previous step's copies are done before the host writes again.
+        # [4, n]: token, position, slot, context length of each row (one contiguous run per field)
+        self._host = torch.empty(4, n, dtype=torch.int64, pin_memory=True)
+        self._host_fields = self._host.numpy()
+        self._host_tables = torch.empty(n * max_blocks_per_seq, dtype=torch.int64, pin_memory=True)
+        self._tables_staging = torch.empty(n * max_blocks_per_seq, **i64)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.backend = backend
         self._capture_all()
@@ -101,34 +109,38 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Decode-only chunks -> logits [len(chunks), vocab] float32."""
+        """Decode-only chunks -> logits [len(chunks), vocab] float32.
+
+        Rows from len(chunks) up to the graph's size are padding: a one-token context in the
+        scratch page. Table columns past the batch's widest row keep earlier steps' (valid) block
+        ids: the kernels read only the pages a context covers, the reference masks the rest."""
         n = len(chunks)
         bs = next(s for s in self.sizes if s >= n)
         bsz = self.block_size
         width = max(len(c.block_table) for c in chunks)
-        tables = torch.full((n, width), self.scratch_block, dtype=torch.int64)
+        fields = self._host_fields
+        tables = self._host_tables[: bs * width].view(bs, width).numpy()  # [bs, width]
+        tables.fill(self.scratch_block)  # short rows and padding rows end in the scratch page
         for i, c in enumerate(chunks):
-            tables[i, : len(c.block_table)] = torch.tensor(c.block_table)
-        host = torch.tensor(
-            [
-                [
-                    c.token_ids[0],
-                    c.start,
-                    c.block_table[c.start // bsz] * bsz + c.start % bsz,
-                    c.start + 1,
-                ]
-                for c in chunks
-            ],
-            dtype=torch.int64,
-        )  # [n, 4]: token, position, slot, context length
-        host_dev = host.to(self.device, non_blocking=True)
-        self._reset_padding(n)
-        self.input_ids[:n] = host_dev[:, 0]
-        self.positions[:n] = host_dev[:, 1]
-        self.slot_mapping[:n] = host_dev[:, 2]
-        self.seq_lens[:n] = host_dev[:, 3]
-        self.block_tables[:n, :width] = tables.to(self.device, non_blocking=True)
-        self.block_tables[:n, width:] = self.scratch_block
+            table = c.block_table
+            fields[:, i] = (
+                c.token_ids[0],
+                c.start,
+                table[c.start // bsz] * bsz + c.start % bsz,
+                c.start + 1,
+            )
+            tables[i, : len(table)] = table
+        fields[:, n:bs] = ((0,), (0,), (self.scratch_block * bsz,), (1,))
+        for dst, field in (
+            (self.input_ids, 0),
+            (self.positions, 1),
+            (self.slot_mapping, 2),
+            (self.seq_lens, 3),
+        ):
+            dst[:bs].copy_(self._host[field, :bs], non_blocking=True)
+        staging = self._tables_staging[: bs * width]
+        staging.copy_(self._host_tables[: bs * width], non_blocking=True)
+        self.block_tables[:bs, :width] = staging.view(bs, width)
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]

@@ -94,9 +94,13 @@ class Sampler:
             tokens = tokens.index_copy(0, idx, self.draw(probs, sampled_rows))
 
         # A row with every token at -inf has NaN probabilities; mark it -1 here instead of syncing
-        # now, and raise once the tokens are on the host anyway.
-        dead = torch.isneginf(processed).all(dim=-1)  # [num_rows] bool
-        token_ids: list[int] = torch.where(dead, -1, tokens).tolist()
+        # now, and raise once the tokens are on the host anyway. Only a ban or a grammar mask can
+        # take a row's last token (finite logits stay finite), so plain steps skip the full-vocab
+        # reduction.
+        if masked:
+            dead = torch.isneginf(processed).all(dim=-1)  # [num_rows] bool
+            tokens = torch.where(dead, -1, tokens)
+        token_ids: list[int] = tokens.tolist()
         if -1 in token_ids:
             self._raise_dead([i for i, t in enumerate(token_ids) if t == -1], rows, masked)
 
