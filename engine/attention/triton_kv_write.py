@@ -55,15 +55,19 @@ def _kv_write_kernel(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
         if MODE == 1:
-            kq = tl.minimum(tl.maximum(k / tl.load(k_scale_ptr), -FP8_MAX), FP8_MAX)
-            vq = tl.minimum(tl.maximum(v / tl.load(v_scale_ptr), -FP8_MAX), FP8_MAX)
+            kq = tl.minimum(tl.maximum(tl.math.div_rn(k, tl.load(k_scale_ptr)), -FP8_MAX), FP8_MAX)
+            vq = tl.minimum(tl.maximum(tl.math.div_rn(v, tl.load(v_scale_ptr)), -FP8_MAX), FP8_MAX)
         else:
-            ks = tl.maximum(tl.max(tl.abs(k), axis=0), MIN_AMAX) / INT8_MAX
-            vs = tl.maximum(tl.max(tl.abs(v), axis=0), MIN_AMAX) / INT8_MAX
+            ks = tl.math.div_rn(tl.maximum(tl.max(tl.abs(k), axis=0), MIN_AMAX), INT8_MAX)
+            vs = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), MIN_AMAX), INT8_MAX)
             tl.store(k_scale_ptr + scale_off, ks)
             tl.store(v_scale_ptr + scale_off, vs)
-            kq = tl.minimum(tl.maximum(_round_half_even(k / ks), -INT8_MAX), INT8_MAX)
-            vq = tl.minimum(tl.maximum(_round_half_even(v / vs), -INT8_MAX), INT8_MAX)
+            kq = tl.minimum(
+                tl.maximum(_round_half_even(tl.math.div_rn(k, ks)), -INT8_MAX), INT8_MAX
+            )
+            vq = tl.minimum(
+                tl.maximum(_round_half_even(tl.math.div_rn(v, vs)), -INT8_MAX), INT8_MAX
+            )
         tl.store(k_pages_ptr + dst, kq.to(out_dtype), mask=ok)
         tl.store(v_pages_ptr + dst, vq.to(out_dtype), mask=ok)
 
