@@ -66,7 +66,11 @@ class EngineCore:
             self.kv, config.max_num_tokens, config.max_num_seqs, config.enable_chunked_prefill
         )
         backend = make_backend(
-            config.attention_backend, self.device, config.block_size, self.model.head_dim
+            config.attention_backend,
+            self.device,
+            config.block_size,
+            self.model.head_dim,
+            layout.storage_dtype,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, backend, self.device)
         if use_graphs:

@@ -49,7 +49,11 @@ class DraftProposer:
         self.kv = KVCacheManager(num_blocks, target.block_size, enable_prefix_caching=False)
         self.cache = KVCache(layout, num_blocks, loaded.device, kv_quant.fp8_scales)
         backend = make_backend(
-            target.attention_backend, loaded.device, target.block_size, self.model.head_dim
+            target.attention_backend,
+            loaded.device,
+            target.block_size,
+            self.model.head_dim,
+            layout.storage_dtype,
         )
         self.runner = ModelRunner(self.model, self.cache, backend, loaded.device)
         self.sampler = sampler
