@@ -3,9 +3,10 @@
     python scripts/screenshots.py [--model tiny] [--out screenshots] [--size 120x40]
 
 Two chats generate at once (so the monitor shows batching, KV blocks and throughput), then the
-chat, monitor, sessions and build panels and the F1 help are saved as SVG. Uses the bundled model
-when it is there, else a tiny random-weight checkpoint (whose replies are noise). Everything it
-writes besides the SVGs goes to a temporary WORKBENCH_HOME.
+chat, monitor, sessions and build panels (after two real builds: fp8 and int4_awq) and the F1
+help are saved as SVG. Uses the bundled model when it is there, else a tiny random-weight
+checkpoint (whose replies are noise). Everything it writes besides the SVGs goes to a temporary
+WORKBENCH_HOME.
 """
 
 from __future__ import annotations
@@ -47,6 +48,28 @@ async def until(pilot, condition: Callable[[], bool], timeout: float = 300.0) ->
         if time.monotonic() > deadline:
             raise TimeoutError("the app did not get there in time")
         await pilot.pause(0.1)
+
+
+async def build_engines(pilot, app, model: str) -> None:
+    """Two real builds from the Build panel (fp8, then int4_awq), then both side by side."""
+    from textual.widgets import Input, Select
+
+    from panels.build import BuildPanel
+
+    panel = app.query_one(BuildPanel)
+    panel.query_one("#build-model", Input).value = model
+    ids = []
+    for recipe in ("fp8", "int4_awq"):
+        panel.query_one("#build-recipe", Select).value = recipe
+        panel.query_one("#build-calib", Input).value = "16"
+        await pilot.pause()
+        panel.action_start()
+        await until(pilot, lambda: panel.process is not None and not panel.process.running, 900)
+        ids.append(panel.process.build_id)
+    await pilot.pause(1.0)
+    panel.marked = set(ids)
+    panel.reload()
+    await pilot.pause(1.0)
 
 
 async def shoot(model: str, out: Path, size: tuple[int, int], home: Path) -> list[Path]:
@@ -112,6 +135,7 @@ async def shoot(model: str, out: Path, size: tuple[int, int], home: Path) -> lis
             await pilot.pause(0.5)
             await save("sessions")
             await pilot.press("f5")
+            await build_engines(pilot, app, model)
             await save("build")
             await pilot.press("f2", "f1")
             await save("help")

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from engine import LLM, SamplingParams
 from engine.quant import engine_dir, texts
-from engine.quant.build import STAGES, run_build
+from engine.quant.build import STAGES, BuildSpec, run_build
 from engine.quant.recipes import RECIPES, ppl_limit
 
 BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "models" / "tiny"
@@ -180,3 +180,37 @@ def test_serving_defaults_apply_unless_overridden(tmp_path, builds) -> None:
     assert (config.block_size, config.max_num_seqs) == (2, 3)
     assert engine_dir.serving_defaults("tiny") == {}
     assert engine_dir.serving_defaults(BUNDLED) == {}
+
+
+def test_dummy_weights_at_a_models_shape(tmp_path) -> None:
+    """--load-format dummy: random weights at the model's shape (how GPU speed runs build a
+    real-shape model without its checkpoint); no perplexity, the tokenizer is kept."""
+    spec = BuildSpec(
+        model="tiny", out=tmp_path / "dummy", quant="int4_awq", load_format="dummy",
+        calib_size=2, calib_seq_len=64, calib_batch_size=2,
+    )  # fmt: skip
+    with one_thread():
+        result = run_build(spec)
+        llm = LLM(str(result.out), block_size=4, num_kv_blocks=32)
+        out = llm.generate("Once upon a time", SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+    assert result.engine["source"]["weights"] == "random (seed 0)"
+    assert "weights_sha256" not in result.engine["source"]
+    assert "random weights" in result.report["perplexity"]["skipped"]
+    assert result.report["within_limit"] is None
+    assert (result.out / "tokenizer.json").is_file()
+
+
+def test_an_engine_without_tokenizer_serves_token_ids(tmp_path) -> None:
+    """What a build from a preset (no tokenizer anywhere) gives: the engine loads it and takes
+    prompts as token ids, as it does for a dummy preset."""
+    spec = BuildSpec(model="tiny", out=tmp_path / "e", quant="none", evaluate=False)
+    result = run_build(spec)
+    for name in engine_dir.TOKENIZER_FILES:
+        (result.out / name).unlink(missing_ok=True)
+    assert engine_dir.without_tokenizer(result.out)
+    assert not engine_dir.without_tokenizer(BUNDLED)  # a checkpoint is not an engine
+    with one_thread():
+        llm = LLM(str(result.out), block_size=4, num_kv_blocks=32)
+        out = llm.generate([0, 100, 200], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert llm.tokenizer is None and len(out.token_ids) == 3

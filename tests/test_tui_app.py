@@ -15,9 +15,8 @@ from test_tui_support import (  # noqa: F401  (fixtures)
     store,
     tui_model,
 )
-from textual.widgets import Button, Markdown
+from textual.widgets import Markdown
 
-from panels.build import BuildPanel
 from panels.chat import ChatPanel
 from panels.widgets.help_screen import HelpScreen
 from store import default_db_path
@@ -125,24 +124,6 @@ def test_keymap_theme_help_and_palette(tmp_path: Path, store, engine_client) -> 
             titles = [c.title for c in app.get_system_commands(app.screen)]
             for title in ("Go to Sessions", "Chat: cancel reply", "Sessions: export JSON", "Theme"):
                 assert title in titles
-
-    run(main())
-
-
-def test_build_panel_says_it_is_not_available(tmp_path: Path, store, engine_client) -> None:
-    store.record_build("tiny", "fp8", "auto", "/tmp/engines/tiny-fp8", status="complete")
-    app = app_for(tmp_path, store, engine_client)
-
-    async def main() -> None:
-        async with app.run_test(size=(120, 40)) as pilot:
-            await pilot.press("f5")
-            panel = app.query_one(BuildPanel)
-            await app.workers.wait_for_complete()
-            await pilot.pause()
-            assert "not available yet" in panel.query_one(Markdown).source
-            assert not panel.query(Button)  # no controls that would do nothing
-            table = panel.query_one("#build-history")
-            assert table.row_count == 1 and str(table.get_row_at(0)[2]) == "fp8"
 
     run(main())
 

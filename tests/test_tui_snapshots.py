@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from build_support import seed_builds
 from test_tui_support import (  # noqa: F401  (fixtures)
     _isolated_home,
     app_for,
@@ -23,6 +24,7 @@ from test_tui_support import (  # noqa: F401  (fixtures)
 from textual.pilot import Pilot
 from textual.widgets import Input, TextArea
 
+from panels.build import BuildPanel
 from panels.chat import ChatPanel
 from panels.hardware import FixedHardware
 from panels.monitor import MonitorPanel
@@ -156,14 +158,34 @@ def test_sessions_panel(snap_compare, tmp_path: Path, store, snapshot_client) ->
     assert snap_compare(app, terminal_size=WIDE, run_before=run_before)
 
 
+def build_app(tmp_path: Path, store, client) -> WorkbenchApp:
+    """Four recorded builds (failed, complete, running, complete) and a fixed data dir, so the
+    default output directory is the same on every machine."""
+    seed_builds(store)
+    app = make_app(tmp_path, store, client)
+    app.settings.data_dir = Path("/home/user/.local/share/workbench")
+    return app
+
+
+async def show_builds(pilot: Pilot) -> None:
+    await pilot.press("f5")
+    await steady(pilot)
+    panel = pilot.app.query_one(BuildPanel)
+    panel.marked = {2, 4}  # int4_awq and w4a8_awq side by side
+    panel.reload()
+    await steady(pilot)
+    panel.query_one("#build-model", Input).focus()
+    await steady(pilot)
+
+
 def test_build_panel(snap_compare, tmp_path: Path, store, snapshot_client) -> None:
-    app = make_app(tmp_path, store, snapshot_client)
+    app = build_app(tmp_path, store, snapshot_client)
+    assert snap_compare(app, terminal_size=WIDE, run_before=show_builds)
 
-    async def run_before(pilot: Pilot) -> None:
-        await pilot.press("f5")
-        await steady(pilot)
 
-    assert snap_compare(app, terminal_size=WIDE, run_before=run_before)
+def test_build_panel_narrow(snap_compare, tmp_path: Path, store, snapshot_client) -> None:
+    app = build_app(tmp_path, store, snapshot_client)
+    assert snap_compare(app, terminal_size=NARROW, run_before=show_builds)
 
 
 def test_bench_panel(snap_compare, tmp_path: Path, store, snapshot_client) -> None:

@@ -93,7 +93,7 @@ class WorkbenchApp(App[int]):
             with TabPane("Sessions (F4)", id="sessions"):
                 yield SessionsPanel(self.store, self.settings.exports_dir)
             with TabPane("Build (F5)", id="build"):
-                yield BuildPanel(self.store)
+                yield BuildPanel(self.store, self.settings.data_dir / "engines")
             with TabPane("Bench (F6)", id="bench"):
                 yield BenchPanel(self.store)
         yield Footer(compact=True)

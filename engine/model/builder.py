@@ -15,6 +15,7 @@ from engine.model import loader
 from engine.model.dummy import init_dummy_weights
 from engine.model.llama import LlamaForCausalLM
 from engine.model.presets import PRESETS, preset_config
+from engine.quant.engine_dir import without_tokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -67,6 +68,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
         model_dir = loader.resolve_model_dir(config.model)
         hf_config = loader.load_config(model_dir)
     tokenizer_source = config.tokenizer or model_dir
+    if config.tokenizer is None and model_dir is not None and without_tokenizer(model_dir):
+        tokenizer_source = None  # an engine built from a preset: prompts are token ids
     if tokenizer_source is not None:
         tokenizer = loader.load_tokenizer(tokenizer_source)
 

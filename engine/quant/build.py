@@ -45,20 +45,6 @@ from engine.quant.recipes import (
 STAGES = ("load", "calibrate", "quantize", "export", "evaluate")
 EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 EVAL_CHUNK = 128  # tokens per teacher-forced step: later chunks read K/V back from the pages
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "tokenizer.tiktoken",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 class BuildError(ValueError):
@@ -477,7 +463,7 @@ def _export(
     with stages.stage("export", "tokenizer and engine.json"):
         copied = []
         if plan.source_dir is not None:
-            for name in TOKENIZER_FILES:
+            for name in engine_dir.TOKENIZER_FILES:
                 if (plan.source_dir / name).is_file():
                     shutil.copy2(plan.source_dir / name, tmp / name)
                     copied.append(name)

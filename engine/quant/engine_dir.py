@@ -31,6 +31,29 @@ ENGINE_JSON = "engine.json"
 BUILD_REPORT_JSON = "build_report.json"
 FORMAT = "workbench-engine"
 FORMAT_VERSION = 1
+# What a build copies from the source (the tokenizer, its chat template, generation defaults).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "tokenizer.tiktoken",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# Any of these makes a directory have a tokenizer (as engine.model.loader.load_tokenizer sees it).
+_TOKENIZER_DEFINING = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "tokenizer.tiktoken",
+)
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?:partial|replaced)-(?P<pid>\d+)$")
 
 
@@ -54,6 +77,13 @@ def read_engine_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise EngineDirError(f"{file} is not a Workbench engine description")
     return data
+
+
+def without_tokenizer(path: str | os.PathLike[str]) -> bool:
+    """An engine built from a preset's shapes (random weights) has no tokenizer: the engine
+    serves it with token-id prompts, as it serves a dummy preset."""
+    path = Path(path)
+    return is_engine_dir(path) and not any((path / f).is_file() for f in _TOKENIZER_DEFINING)
 
 
 def serving_defaults(model: str | os.PathLike[str]) -> dict[str, Any]:
