@@ -74,11 +74,13 @@ def _kv_write_kernel(
 
 @triton.jit
 def _round_half_even(x):
-    """torch.round's rounding (ties to even) without libdevice, so the interpreter runs it too."""
-    r = tl.floor(x + 0.5)
-    tie = (r - x) == 0.5
+    """torch.round's rounding (ties to even) without libdevice, so the interpreter runs it too.
+    x - floor(x) is exact for |x| < 2**23 (here |x| <= 127), so no float rounding can move a tie."""
+    r = tl.floor(x)
+    frac = x - r
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
+    up = (frac > 0.5) | ((frac == 0.5) & odd)
+    return tl.where(up, r + 1.0, r)
 
 
 def write_kv_triton(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
