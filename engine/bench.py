@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig, SamplingParams
+from engine.model.builder import parameter_bytes
 
 __all__ = [
     "BenchConfig",
@@ -260,7 +261,14 @@ def _run_benchmark(
     from engine.core import EngineCore
 
     load_before = load_average()
-    core = EngineCore(engine_config)
+    started = time.perf_counter()
+    core = EngineCore(engine_config)  # load, KV sizing, CUDA graph capture
+    startup_s = time.perf_counter() - started
+    if config.compare == "hf" and getattr(core.model, "quant", None) is not None:
+        raise ValueError(
+            "--compare hf runs transformers on the engine's own weights, and these are quantized "
+            f"({core.model.quant.algo}); compare against the unquantized model's run instead"
+        )
     num_requests = config.num_requests
     if num_requests is None:
         num_requests = (
@@ -301,6 +309,8 @@ def _run_benchmark(
             "max_model_len": core.max_model_len,
             "max_num_seqs": engine_config.max_num_seqs,
             "max_num_tokens": engine_config.max_num_tokens,
+            "weight_bytes": parameter_bytes(core.model),
+            "startup_s": startup_s,
         },
         "system": {**system_info(core.device), "loadavg_before": load_before},
         "versions": versions(),
@@ -452,6 +462,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"concurrency {report['concurrency']}, warmup {bench['warmup']}",
         "",
         f"  wall time          {res['wall_s']:10.2f} s",
+        *(
+            [f"  engine start-up    {engine['startup_s']:10.2f} s   (load, KV sizing, graphs)"]
+            if "startup_s" in engine  # reports saved before it was measured lack it
+            else []
+        ),
         f"  requests/s         {res['request_throughput']:10.2f}",
         f"  output tokens/s    {res['output_tok_s']:10.1f}",
         f"  total tokens/s     {res['total_tok_s']:10.1f}",

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine.quant.checkpoint import RECIPE_ALGOS
+
 if TYPE_CHECKING:
     from engine.structured import StructuredSpec
 
@@ -122,6 +124,9 @@ class EngineConfig:
     # KV pages: auto (the checkpoint's KV quantization if it has one, else dtype) | fp8 | int8
     kv_cache_dtype: str = "auto"
     tokenizer: str | None = None
+    # Weights: None serves what the checkpoint holds (a ModelOpt export is detected); a recipe
+    # (fp8, fp8_per_channel, int8_sq, int4_awq, w4a8_awq) must match it, or picks dummy weights'.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -153,6 +158,11 @@ class EngineConfig:
         _check(
             self.kv_cache_dtype in KV_CACHE_DTYPES,
             f"kv_cache_dtype must be auto, fp8 or int8, got {self.kv_cache_dtype!r}",
+        )
+        _check(
+            self.quantization is None or self.quantization in RECIPE_ALGOS,
+            f"quantization must be None or one of {', '.join(RECIPE_ALGOS)}, "
+            f"got {self.quantization!r}",
         )
         _check(
             self.max_model_len is None or self.max_model_len >= 1,

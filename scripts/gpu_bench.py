@@ -6,7 +6,7 @@ Then runs `engine.bench.run_benchmark` on dummy weights at a real shape for each
 one JSON row per result to --out (the schema of docs/results/):
 
     python3 scripts/gpu_bench.py --model llama-3.1-8b --out docs/results/h100-bf16.json \
-        --rows decode1:128:128 tput:128:128:64:hf tput:128:128:512
+        --rows decode1:128:128 tput:128:128:64:hf tput:128:128:512 [--quantization fp8]
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.bench import BenchConfig, device_name, run_benchmark, versions  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.model.presets import num_parameters, preset_config  # noqa: E402
 
 
 def copy_bandwidth(num_bytes: int = 2**30, repeats: int = 20) -> float:
@@ -46,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--quantization",
+        default=None,
+        help="weights: fp8, int4_awq, ... (dummy weights quantized as ModelOpt would)",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument(
         "--rows",
@@ -56,14 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     bandwidth = copy_bandwidth()
-    weight_bytes = num_parameters(preset_config(args.model)) * 2  # bf16
-    roofline = bandwidth / weight_bytes
     card = device_name(torch.device("cuda"))
-    print(
-        f"{card}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, {args.model} weights "
-        f"{weight_bytes / 1e9:.2f} GB, batch-1 roofline {roofline:.1f} tok/s",
-        flush=True,
-    )
+    precision = args.quantization or ("bf16" if args.dtype == "bfloat16" else args.dtype)
+    print(f"{card}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows: list[dict] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         isl, osl = int(isl), int(osl)
         requests = 2 if kind == "decode1" else int(rest[0])
         batch = 1 if kind == "decode1" else requests
-        peer = kind == "decode1" or (len(rest) > 1 and rest[1] == "hf")
+        # The peer runs transformers on the same weights: only for unquantized rows.
+        peer = not args.quantization and (kind == "decode1" or (len(rest) > 1 and rest[1] == "hf"))
         engine = EngineConfig(
             model=args.model,
             load_format="dummy",
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_seqs=batch,
             max_model_len=isl + osl,
             max_num_tokens=max(2048, isl),
+            quantization=args.quantization,
         )
         bench = BenchConfig(
             num_requests=requests,
@@ -99,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             torch.cuda.empty_cache()
         result = report["results"]
+        # The roofline: every weight byte read once per step, at the bandwidth measured above.
+        weight_bytes = report["engine"]["weight_bytes"]
+        roofline = bandwidth / weight_bytes
         row = {
             "card": card,
             "model": args.model,
-            "precision": "bf16" if args.dtype == "bfloat16" else args.dtype,
+            "precision": precision,
             "isl": isl,
             "osl": osl,
             "batch": batch,
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             "output_tok_s": result["output_tok_s"],
             "roofline_tok_s": roofline if kind == "decode1" else None,
             "bandwidth_tb_s": bandwidth / 1e12,
+            "weight_bytes": weight_bytes,
+            "startup_s": report["engine"]["startup_s"],
             "tpot_ms_p50": result.get("tpot_ms", {}).get("p50"),
             "peer": "transformers generate" if peer else None,
             "peer_output_tok_s": report["peer"]["output_tok_s"] if report["peer"] else None,

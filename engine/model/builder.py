@@ -15,6 +15,7 @@ from engine.model import loader
 from engine.model.dummy import init_dummy_weights
 from engine.model.llama import LlamaForCausalLM
 from engine.model.presets import PRESETS, preset_config
+from engine.quant.checkpoint import QuantConfig, resolve_quant_config
 from engine.quant.engine_dir import without_tokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -31,6 +32,8 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     max_model_len: int
     model_dir: Path | None = None  # the checkpoint directory; None for dummy presets
+    quant: QuantConfig | None = None  # the weights' quantization (a ModelOpt checkpoint)
+    weight_bytes: int = 0  # parameters, quantized weights and their scales included
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,10 +76,12 @@ def load_model(config: EngineConfig) -> LoadedModel:
     if tokenizer_source is not None:
         tokenizer = loader.load_tokenizer(tokenizer_source)
 
+    dummy = config.load_format == "dummy"
+    quant = resolve_quant_config(config.quantization, model_dir, dummy)
     # Build straight on the device in the target dtype: no float32 copy of an 8B model on the host.
     with _default_dtype(dtype), torch.device(device):
-        model = LlamaForCausalLM(hf_config)
-    if config.load_format == "dummy":
+        model = LlamaForCausalLM(hf_config, quant)
+    if dummy:
         init_dummy_weights(model, seed=config.seed)
     else:
         model.load_weights(loader.iter_safetensors(model_dir))
@@ -101,7 +106,14 @@ def load_model(config: EngineConfig) -> LoadedModel:
         eos_token_ids=_eos_ids(hf_config, tokenizer, model_dir),
         max_model_len=max_len,
         model_dir=model_dir,
+        quant=quant,
+        weight_bytes=parameter_bytes(model),
     )
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters (a tied embedding once): its weight memory."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _eos_ids(hf_config, tokenizer, model_dir) -> tuple[int, ...]:

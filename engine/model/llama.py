@@ -3,7 +3,9 @@
 The differences between the families are config switches: Qwen2 adds a bias to q/k/v, Qwen3 adds an
 RMSNorm over each head of q and k before the rotary embedding, Llama 3.1 scales the rotary
 frequencies. q/k/v and gate/up are fused into one matmul each; `load_weights` maps the Hugging Face
-names onto the fused parameters.
+names onto the fused parameters. With a `QuantConfig` (a ModelOpt checkpoint) the projections are
+the scheme's quantized linears (engine/quant/), loaded from the checkpoint's quantized tensors;
+lm_head and the embeddings stay in the compute dtype.
 
 Inputs are flat: all tokens of the step (prefill chunks and decodes of every sequence) in one
 dimension, with `AttentionMetadata` telling the attention backend which tokens belong to which
@@ -21,6 +23,8 @@ from torch import nn
 from engine import kernels
 from engine.attention.metadata import AttentionMetadata
 from engine.model.rope import RotaryEmbedding
+from engine.quant.checkpoint import QuantConfig, QuantConfigError
+from engine.quant.linear import QuantLinear, make_linear
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +53,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer_index: int) -> None:
+    def __init__(self, config, layer_index: int, quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.num_heads = config.num_attention_heads
@@ -59,10 +63,16 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(
-            self.q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False))
+        hf = f"model.layers.{layer_index}.self_attn."
+        self.qkv_proj = make_linear(
+            config.hidden_size,
+            [self.q_size, self.kv_size, self.kv_size],
+            qkv_bias,
+            quant,
+            [hf + "q_proj", hf + "k_proj", hf + "v_proj"],
         )
+        o_bias = bool(getattr(config, "attention_bias", False))
+        self.o_proj = make_linear(self.q_size, [config.hidden_size], o_bias, quant, [hf + "o_proj"])
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -92,11 +102,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     fused = False  # CUDA: SiLU-and-mul in one kernel (engine/kernels/activation.py)
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, layer_index: int = 0, quant: QuantConfig | None = None) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.intermediate_size = size = config.intermediate_size
+        hf = f"model.layers.{layer_index}.mlp."
+        self.gate_up_proj = make_linear(
+            config.hidden_size, [size, size], False, quant, [hf + "gate_proj", hf + "up_proj"]
+        )
+        self.down_proj = make_linear(size, [config.hidden_size], False, quant, [hf + "down_proj"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
@@ -107,12 +120,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_index: int) -> None:
+    def __init__(self, config, layer_index: int, quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index)
+        self.self_attn = Attention(config, layer_index, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer_index, quant)
 
     def forward(
         self, hidden, residual, rotary, positions, kv_cache, meta
@@ -141,16 +154,22 @@ class LlamaForCausalLM(nn.Module):
         ".up_proj.": (".gate_up_proj.", 1),
     }
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.config = config
+        self.quant = quant
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if quant is not None and not self.tie_word_embeddings and not quant.is_excluded("lm_head"):
+            raise QuantConfigError(
+                f"{quant.source or 'the checkpoint'} quantizes lm_head; the engine keeps lm_head "
+                "in the compute dtype (ModelOpt excludes it by default)"
+            )
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.model.layers = nn.ModuleList(
-            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, quant) for i in range(config.num_hidden_layers)
         )
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         first = self.model.layers[0].self_attn
@@ -191,8 +210,10 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into our (partly fused) parameters; every parameter
-        must be covered exactly once, or the load fails naming what is missing."""
-        params = dict(self.named_parameters())
+        must be covered exactly once, or the load fails naming what is missing. Tensors of a
+        quantized projection (weight, weight_scale, input_scale, ...) go to its QuantLinear."""
+        quantized = {n: m for n, m in self.named_modules() if isinstance(m, QuantLinear)}
+        params = {n: p for n, p in self.named_parameters() if n.rpartition(".")[0] not in quantized}
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
@@ -206,6 +227,10 @@ class LlamaForCausalLM(nn.Module):
                 if hf_part in name:
                     target, shard = name.replace(hf_part, our_part), index
                     break
+            module_name, _, suffix = target.rpartition(".")
+            if module_name in quantized:
+                quantized[module_name].load(suffix, shard or 0, tensor, name)
+                continue
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
             param = params[target]
@@ -225,8 +250,11 @@ class LlamaForCausalLM(nn.Module):
             else:
                 expected.add(pname)
         missing = sorted(expected - loaded)
+        missing += [name for module in quantized.values() for name in module.missing()]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        for module in quantized.values():
+            module.finish_loading()
 
     def _shard_range(self, target: str, shard: int) -> tuple[int, int]:
         attn = self.model.layers[0].self_attn
