@@ -299,14 +299,16 @@ def test_int8_int_mm_paths_are_exact() -> None:
 
 # -- the Triton int4 kernel under the interpreter ---------------------------------------------
 
-INTERPRETER_SHAPES = [  # (M, N, K, group, dtype)
+INTERPRETER_SHAPES = [  # (M, N, K, group, dtype); M <= 4 takes the GEMV kernel by default
     (1, 64, 128, 128, "fp32"),
     (5, 96, 256, 64, "fp32"),
     (40, 160, 256, 128, "fp32"),
     (3, 64, 256, 32, "fp16"),
     (20, 128, 128, 64, "fp16"),
 ]
-SPLITS = [(16, 32, 32, 4), (16, 64, 64, 3)]  # forced (block_m, block_n, block_k, split_k)
+# Forced tiles (block_m, block_n, block_k, split_k, gemv), besides each shape's default: K split
+# unevenly, the tensor-core kernel at decode sizes, the GEMV with a row block wider than M.
+SPLITS = [(16, 32, 32, 4, False), (16, 64, 64, 3, False), (4, 64, 16, 3, True)]
 
 
 def _interpreter_cases() -> dict[str, object]:
@@ -349,9 +351,9 @@ def _interpreter_cases() -> dict[str, object]:
                     else:
                         x_in = quantize_fp8(x, layer.input_inv_scale).to(dtype)
                         scales = (layer.weight_scale_2, layer.out_scale)
-                    for bm, bn, bk, split in SPLITS:  # forced tiles, split K
-                        if group % bk == 0:
-                            cfg = TileConfig(bm, bn, bk, split, 4, 1)
+                    for bm, bn, bk, split, gemv in SPLITS:
+                        if group % bk == 0 and (not gemv or m <= bm):
+                            cfg = TileConfig(bm, bn, bk, split, 4, 1, gemv)
                             y = int4_gemm(
                                 x_in, layer.qweight, layer.group_scale, group, scales, cfg
                             )

@@ -17,10 +17,16 @@ Per K-tile (BLOCK_K divides the group size, so one scale row covers the tile):
   out_scale[N] at the end. This is the fp8 arithmetic of TensorRT-LLM's W4A8 kernel, on any GPU
   with bf16 tensor cores.
 
-Tiles: decode (M <= 16) uses BLOCK_M 16 and splits K over programs until the GPU has about two
-programs per SM (partial sums in float32, added in a fixed order: deterministic); larger M uses
-bigger M/N tiles and no split. Checked against the torch path (int4.py) under TRITON_INTERPRET=1
-on the CPU and compiled on CUDA (tests/test_quant_linear.py).
+Two kernels:
+- `_int4_gemv_kernel`, M <= GEMV_MAX_ROWS (decode of a few sequences): no tensor cores, so no
+  padding of M to 16 and no shuffling of nibbles into an MMA operand layout. Each program takes a
+  strip of byte columns and a slice of K, unpacks the low and high nibbles as two separate
+  [BLOCK_K, BLOCK_J] tiles (even and odd output columns), multiplies by x broadcast and sums
+  over K in float32; every row of x uses the same weight tile, read once;
+- `_int4_gemm_kernel`, larger M: the nibbles joined into a [BLOCK_K, BLOCK_N] tile and tl.dot.
+Both split K over programs until the GPU has about two programs per SM (partial sums in float32,
+added in a fixed order: deterministic). Checked against the torch path (int4.py) under
+TRITON_INTERPRET=1 on the CPU and compiled on CUDA (tests/test_quant_linear.py).
 """
 
 from __future__ import annotations
@@ -32,14 +38,17 @@ import torch
 import triton
 import triton.language as tl
 
+GEMV_MAX_ROWS = 4  # M up to this takes the GEMV kernel
+
 
 class TileConfig(NamedTuple):
     block_m: int
-    block_n: int
+    block_n: int  # output columns per program (the GEMV covers block_n / 2 byte columns)
     block_k: int
     split_k: int
     num_warps: int
     num_stages: int
+    gemv: bool = False
 
 
 @triton.jit
@@ -122,6 +131,77 @@ def _int4_gemm_kernel(
 
 
 @triton.jit
+def _int4_gemv_kernel(
+    x_ptr,  # [M, K] compute dtype, rows strided by stride_xm
+    qw_ptr,  # [K, N // 2] uint8
+    s_ptr,  # [K // GROUP, N] float32
+    s2_ptr,  # [N] float32, W4A8: weight_scale_2 per column
+    col_ptr,  # [N] float32, W4A8: input_scale * weight_scale_2
+    out_ptr,  # SPLIT_K == 1: [M, N] compute dtype; else [SPLIT_K, M, N] float32
+    M,
+    N,
+    K,
+    stride_xm,
+    GROUP: tl.constexpr,
+    W4A8: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # >= M, a power of two
+    BLOCK_J: tl.constexpr,  # byte columns per program: output columns 2j (low), 2j + 1 (high)
+    BLOCK_K: tl.constexpr,
+):
+    pid_j = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    half_n = N // 2
+    rm = tl.arange(0, BLOCK_M)
+    rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    m_mask = rm < M
+    j_mask = rj < half_n
+    even = 2 * rj  # output columns of the low nibbles; the high ones are even + 1
+
+    k_tiles = K // BLOCK_K
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_begin = pid_k * per_split
+    t_end = tl.minimum(t_begin + per_split, k_tiles)
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    if W4A8:
+        unit_lo = tl.load(s2_ptr + even, mask=j_mask, other=1.0)
+        unit_hi = tl.load(s2_ptr + even + 1, mask=j_mask, other=1.0)
+    for t in range(t_begin, t_end):
+        rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None], other=0.0)
+        x = x.to(tl.float32)[:, :, None]  # [BLOCK_M, BLOCK_K, 1]
+        packed = tl.load(qw_ptr + rk[:, None] * half_n + rj[None, :], mask=j_mask[None, :], other=0)
+        low = (packed & 0xF).to(tl.int8)
+        high = (packed >> 4).to(tl.int8)
+        low = tl.where(low > 7, low - 16, low).to(tl.float32)  # [BLOCK_K, BLOCK_J]
+        high = tl.where(high > 7, high - 16, high).to(tl.float32)
+        row = (t * BLOCK_K // GROUP) * N
+        s_lo = tl.load(s_ptr + row + even, mask=j_mask, other=0.0)[None, :]
+        s_hi = tl.load(s_ptr + row + even + 1, mask=j_mask, other=0.0)[None, :]
+        if W4A8:
+            low = _round_e4m3(tl.math.div_rn(low * s_lo, unit_lo[None, :]))
+            high = _round_e4m3(tl.math.div_rn(high * s_hi, unit_hi[None, :]))
+            acc_lo += tl.sum(x * low[None, :, :], axis=1)
+            acc_hi += tl.sum(x * high[None, :, :], axis=1)
+        else:
+            acc_lo += tl.sum(x * low[None, :, :], axis=1) * s_lo
+            acc_hi += tl.sum(x * high[None, :, :], axis=1) * s_hi
+    if W4A8:
+        acc_lo *= tl.load(col_ptr + even, mask=j_mask, other=0.0)[None, :]
+        acc_hi *= tl.load(col_ptr + even + 1, mask=j_mask, other=0.0)[None, :]
+    mask = m_mask[:, None] & j_mask[None, :]
+    if SPLIT_K == 1:
+        rows = out_ptr + rm[:, None] * N
+        tl.store(rows + even[None, :], acc_lo.to(out_ptr.dtype.element_ty), mask)
+        tl.store(rows + even[None, :] + 1, acc_hi.to(out_ptr.dtype.element_ty), mask)
+    else:
+        rows = out_ptr + (pid_k * M + rm[:, None]) * N
+        tl.store(rows + even[None, :], acc_lo, mask)
+        tl.store(rows + even[None, :] + 1, acc_hi, mask)
+
+
+@triton.jit
 def _round_e4m3_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -145,12 +225,15 @@ def _num_sms(device: torch.device) -> int:
 
 def pick_config(m: int, n: int, k: int, group: int, device: torch.device) -> TileConfig:
     """Tiles for an [m, k] x [k, n] product: BLOCK_K the largest of 128/64/32/16 dividing the
-    group (large M: at most 64); decode shapes split K until there are ~2 programs per SM."""
+    group (large M: at most 64; the GEMV: 32, its [BLOCK_M, BLOCK_K, BLOCK_J] products live in
+    registers); decode shapes split K until there are ~2 programs per SM."""
 
     def block_k(limit: int) -> int:
         return next(b for b in (128, 64, 32, 16) if b <= limit and group % b == 0)
 
-    if m <= 16:
+    if m <= GEMV_MAX_ROWS:
+        bm, bn, bk, warps, stages = triton.next_power_of_2(max(m, 1)), 128, block_k(32), 4, 3
+    elif m <= 16:
         bm, bn, bk, warps, stages = 16, 64, block_k(128), 4, 3
     elif m <= 64:
         bm, bn, bk, warps, stages = 64, 64, block_k(128), 4, 3
@@ -164,7 +247,7 @@ def pick_config(m: int, n: int, k: int, group: int, device: torch.device) -> Til
         k_tiles = k // bk
         while programs * split < 2 * _num_sms(device) and split * 2 <= min(16, k_tiles):
             split *= 2
-    return TileConfig(bm, bn, bk, split, warps, stages)
+    return TileConfig(bm, bn, bk, split, warps, stages, gemv=m <= GEMV_MAX_ROWS)
 
 
 def int4_gemm(
@@ -195,8 +278,7 @@ def int4_gemm(
         out = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
     if m == 0:
         return out if cfg.split_k == 1 else out.sum(0).to(x.dtype)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-    _int4_gemm_kernel[grid](
+    args = (
         x,
         qweight,
         scales,
@@ -207,14 +289,30 @@ def int4_gemm(
         n,
         k,
         x.stride(0),
-        GROUP=group,
-        W4A8=w4a8_scales is not None,
-        SPLIT_K=cfg.split_k,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
     )
+    common = dict(GROUP=group, W4A8=w4a8_scales is not None, SPLIT_K=cfg.split_k)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.gemv:
+        if cfg.block_m < m:
+            raise ValueError(f"the GEMV takes at most block_m={cfg.block_m} rows, got {m}")
+        grid = (triton.cdiv(n // 2, cfg.block_n // 2), cfg.split_k)
+        _int4_gemv_kernel[grid](
+            *args,
+            **common,
+            BLOCK_M=cfg.block_m,
+            BLOCK_J=cfg.block_n // 2,
+            BLOCK_K=cfg.block_k,
+            **launch,
+        )
+    else:
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
+        _int4_gemm_kernel[grid](
+            *args,
+            **common,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            **launch,
+        )
     return out if cfg.split_k == 1 else out.sum(0).to(x.dtype)
