@@ -171,23 +171,22 @@ def plan_build(spec: BuildSpec) -> BuildPlan:
             hf_config = loader.load_config(source_dir)
             loader.safetensors_files(source_dir)  # the weights are there and readable
         tokenizer = loader.load_tokenizer(source_dir) if source_dir is not None else None
-        export_dtype = _export_dtype(spec.dtype, hf_config)
         calib_stream = None
         if tokenizer is not None:
             calib_stream = texts.token_stream(tokenizer, texts.read_documents(spec.calib))
         elif spec.calib != "builtin":
             raise BuildError(f"{spec.model} has no tokenizer: --calib FILE needs one")
         plan = BuildPlan(
-            spec,
-            recipe,
-            config,
-            out,
-            device,
-            source_dir,
-            hf_config,
-            tokenizer,
-            export_dtype,
-            calib_stream,
+            spec=spec,
+            recipe=recipe,
+            mtq_config=config,
+            out=out,
+            device=device,
+            source_dir=source_dir,
+            hf_config=hf_config,
+            tokenizer=tokenizer,
+            export_dtype=_export_dtype(spec.dtype, hf_config),
+            calib_stream=calib_stream,
         )
         if config is not None:  # the calibration set can be drawn: fail now if not
             _calibration_set(plan)
