@@ -121,7 +121,9 @@ def test_failed_migration_rolls_back_and_keeps_version(
         raise RuntimeError("boom")
 
     monkeypatch.setattr(store.db, "MIGRATIONS", [*MIGRATIONS, broken])
-    with pytest.raises(StoreError, match=rf"migration to schema version {len(MIGRATIONS) + 1} failed \(boom\)"):
+    with pytest.raises(
+        StoreError, match=rf"migration to schema version {len(MIGRATIONS) + 1} failed \(boom\)"
+    ):
         open_store(db_path)
     assert pragma(db_path, "user_version") == len(MIGRATIONS)
     conn = raw(db_path)
