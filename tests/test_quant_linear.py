@@ -299,7 +299,7 @@ def test_int8_int_mm_paths_are_exact() -> None:
 
 # -- the Triton int4 kernel under the interpreter ---------------------------------------------
 
-INTERPRETER_SHAPES = [  # (M, N, K, group, dtype); M <= 4 takes the GEMV kernel by default
+INTERPRETER_SHAPES = [  # (M, N, K, group, dtype)
     (1, 64, 128, 128, "fp32"),
     (5, 96, 256, 64, "fp32"),
     (40, 160, 256, 128, "fp32"),
@@ -307,8 +307,14 @@ INTERPRETER_SHAPES = [  # (M, N, K, group, dtype); M <= 4 takes the GEMV kernel 
     (20, 128, 128, 64, "fp16"),
 ]
 # Forced tiles (block_m, block_n, block_k, split_k, gemv), besides each shape's default: K split
-# unevenly, the tensor-core kernel at decode sizes, the GEMV with a row block wider than M.
-SPLITS = [(16, 32, 32, 4, False), (16, 64, 64, 3, False), (4, 64, 16, 3, True)]
+# unevenly, the tensor-core kernel at decode sizes, the GEMV kernel (off by default: see
+# triton_int4.GEMV_MAX_ROWS) with its own tiles and with a row block wider than M.
+SPLITS = [
+    (16, 32, 32, 4, False),
+    (16, 64, 64, 3, False),
+    (1, 128, 32, 2, True),
+    (4, 64, 16, 3, True),
+]
 
 
 def _interpreter_cases() -> dict[str, object]:

@@ -18,7 +18,7 @@ Per K-tile (BLOCK_K divides the group size, so one scale row covers the tile):
   with bf16 tensor cores.
 
 Two kernels:
-- `_int4_gemv_kernel`, M <= GEMV_MAX_ROWS (decode of a few sequences): no tensor cores, so no
+- `_int4_gemv_kernel`, M <= GEMV_MAX_ROWS (off for now, see there): no tensor cores, so no
   padding of M to 16 and no shuffling of nibbles into an MMA operand layout. Each program takes a
   strip of byte columns and a slice of K, unpacks the low and high nibbles as two separate
   [BLOCK_K, BLOCK_J] tiles (even and odd output columns), multiplies by x broadcast and sums
@@ -38,7 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-GEMV_MAX_ROWS = 4  # M up to this takes the GEMV kernel
+# M up to this takes the GEMV kernel. Off: at M = 1 on an H100 it measured 105 tok/s on the 8B
+# shape against the tensor-core kernel's 117 (docs/performance.md); its tiles need tuning first.
+GEMV_MAX_ROWS = 0
 
 
 class TileConfig(NamedTuple):
