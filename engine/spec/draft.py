@@ -33,8 +33,14 @@ class DraftProposer:
         num_blocks: int,
         sampler: Sampler,
     ) -> None:
+        # The draft serves what its own checkpoint holds: the target's weight recipe is not its.
         draft_config = replace(
-            target, model=model, speculative=None, tokenizer=None, num_kv_blocks=num_blocks
+            target,
+            model=model,
+            speculative=None,
+            tokenizer=None,
+            num_kv_blocks=num_blocks,
+            quantization=None,
         )
         loaded = load_model(draft_config)
         if loaded.hf_config.vocab_size != target_vocab:
