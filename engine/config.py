@@ -121,6 +121,10 @@ class EngineConfig:
     speculative: dict[str, Any] | None = None
     attention_backend: str = "auto"  # auto | torch | triton
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
+    # Overlap scheduling: queue step n+1 before reading step n's tokens back, so the host's
+    # bookkeeping runs while the GPU computes. Steps with speculation, grammars, penalties or
+    # min_tokens run one at a time.
+    async_scheduling: bool = False
     # KV pages: auto (the checkpoint's KV quantization if it has one, else dtype) | fp8 | int8
     kv_cache_dtype: str = "auto"
     tokenizer: str | None = None

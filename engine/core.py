@@ -4,6 +4,19 @@ drives it from one background thread, `LLM` from the caller's.
     step(): [propose drafts]; batch = scheduler.schedule(); logits = runner.run(chunks)
             tokens = sample or verify(logits); append tokens; scheduler.update(batch)
             detokenize, check stops, free the finished
+
+With `async_scheduling` (overlap) a step queues its work on the device and returns before its
+tokens are known: each sampled request gets a placeholder token (counted by the scheduler, its
+value still on the device), the next step's decode inputs are patched from the device, and step n's
+tokens are read back, checked and reported while step n+1 runs:
+
+    step n+1: schedule (counting step n's placeholders); queue forward + sample, inputs patched
+              from step n's tokens; placeholders for n+1; land step n: resolve its placeholders,
+              detokenize, check stops, free the finished (their step n+1 row is discarded)
+
+A request that stops at step n has computed one token too many in step n+1; nothing of it is
+kept. Requests that need each token's value before the next step (speculation, grammars,
+penalties, min_tokens) make the engine run steps one at a time while they are in it.
 """
 
 from __future__ import annotations
@@ -11,6 +24,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from typing import NamedTuple
 
 import torch
 
@@ -22,9 +36,9 @@ from engine.kv.manager import KVCacheManager
 from engine.model.builder import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.quant.kv_scales import kv_quant_for
-from engine.request import Request, RequestStatus
-from engine.runner import ModelRunner, SeqChunk
-from engine.sampler import Sampler, SamplingRow, make_generator
+from engine.request import PLACEHOLDER, Request, RequestStatus
+from engine.runner import InputPatch, ModelRunner, SeqChunk
+from engine.sampler import DeviceSample, Sampler, SamplingRow, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.spec import SpeculativeConfig
 from engine.spec.speculator import Speculator
@@ -32,6 +46,29 @@ from engine.state import EngineState, StepStats, build_state
 from engine.structured import GrammarBackend, RequestGrammar
 
 CPU_KV_CACHE_BYTES = 128 * 2**20
+
+
+class InFlightStep(NamedTuple):
+    """A step queued on the device whose sampled tokens the host has not read yet."""
+
+    batch: SchedulerOutput
+    requests: list[Request]  # the sampled rows' requests, in row order
+    indices: list[int]  # each one's output index of its placeholder
+    rows: list[SamplingRow]
+    sample: DeviceSample | None  # None: no row reached its end (mid-prompt chunks only)
+    start: float  # perf_counter when the step was scheduled
+
+
+def needs_each_token(params: SamplingParams, constrained: bool) -> bool:
+    """Must the host know a request's token before the next step is queued? (Penalties and
+    grammars read the tokens' values, min_tokens bans may leave a row no token to feed on.)"""
+    return (
+        constrained
+        or params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+        or params.min_tokens > 0
+    )
 
 
 class EngineCore:
@@ -63,7 +100,11 @@ class EngineCore:
         )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.kv, config.max_num_tokens, config.max_num_seqs, config.enable_chunked_prefill
+            self.kv,
+            config.max_num_tokens,
+            config.max_num_seqs,
+            config.enable_chunked_prefill,
+            self.max_model_len,
         )
         backend = make_backend(
             config.attention_backend,
@@ -99,6 +140,9 @@ class EngineCore:
             )
 
         self.requests: dict[str, Request] = {}
+        self._in_flight: InFlightStep | None = None  # overlap scheduling's queued step
+        self._last_landed = 0.0  # perf_counter when the last in-flight step was landed
+        self._one_at_a_time: set[str] = set()  # unfinished requests that need each token
         self._detok: dict[str, IncrementalDetokenizer | None] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # tokens and logprobs already reported
         self._pending_text: dict[str, str] = {}  # detokenized text not yet reported
@@ -199,6 +243,8 @@ class EngineCore:
         self.requests[request_id] = request
         if grammar is not None:
             self._grammars[request_id] = grammar
+        if needs_each_token(params, grammar is not None):
+            self._one_at_a_time.add(request_id)
         self._detok[request_id] = (
             IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer else None
         )
@@ -216,13 +262,21 @@ class EngineCore:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._finished_unreported)
+        return (
+            self.scheduler.has_unfinished()
+            or bool(self._finished_unreported)
+            or self._in_flight is not None
+        )
 
     # --- one step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         outputs = [self._output(r) for r in self._finished_unreported]
         self._finished_unreported = []
+        if self._overlaps():
+            outputs.extend(self._overlapped_step())
+            return outputs
+        outputs.extend(self._land_in_flight())  # back to one step at a time
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
@@ -254,6 +308,75 @@ class EngineCore:
         touched = {r.request_id: r for r, _ in batch.scheduled}
         outputs.extend(self._output(r) for r in touched.values() if r.request_id in self.requests)
         return outputs
+
+    def _overlaps(self) -> bool:
+        return self.config.async_scheduling and self.speculator is None and not self._one_at_a_time
+
+    def _overlapped_step(self) -> list[RequestOutput]:
+        """Queue this step on the device, then land the previous one (see the module doc)."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return self._land_in_flight()
+        start = time.perf_counter()
+        now = time.monotonic()
+        for request, _ in batch.scheduled:
+            if request.scheduled_time is None:
+                request.scheduled_time = now
+        chunks = [self._chunk(request, num_new) for request, num_new in batch.scheduled]
+        patch = self._placeholder_patch(batch, chunks)
+        logits = self.runner.run(chunks, len(batch.decodes), patch)  # [num sampled rows, vocab]
+        # No drafts here: a chunk needs one logit row (it reaches its end) or none.
+        requests = [r for (r, _), c in zip(batch.scheduled, chunks, strict=True) if c.num_logits]
+        rows = [self._sampling_row(r) for r in requests]
+        sample = self.sampler.sample(logits, rows) if requests else None
+        indices = [request.append_placeholder() for request in requests]
+        self.scheduler.update(batch)
+        outputs = self._land_in_flight()
+        self._in_flight = InFlightStep(batch, requests, indices, rows, sample, start)
+        return outputs
+
+    def _placeholder_patch(
+        self, batch: SchedulerOutput, chunks: list[SeqChunk]
+    ) -> InputPatch | None:
+        """Inputs that are tokens of the step in flight -> where the device holds them."""
+        in_flight = self._in_flight
+        if in_flight is None or in_flight.sample is None:
+            return None
+        row_of = {request.request_id: row for row, request in enumerate(in_flight.requests)}
+        positions: list[int] = []
+        rows: list[int] = []
+        offset = 0
+        for (request, _), chunk in zip(batch.scheduled, chunks, strict=True):
+            for j, token_id in enumerate(chunk.token_ids):
+                if token_id == PLACEHOLDER:
+                    positions.append(offset + j)
+                    rows.append(row_of[request.request_id])
+            offset += len(chunk.token_ids)
+        return InputPatch(positions, rows, in_flight.sample.tokens) if positions else None
+
+    def _land_in_flight(self) -> list[RequestOutput]:
+        """Read the step in flight's tokens back and do what a step does with them."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return []
+        sampled = self.sampler.collect(in_flight.sample, in_flight.rows) if in_flight.sample else []
+        now = time.monotonic()
+        num_generated = 0
+        for request, index, token in zip(
+            in_flight.requests, in_flight.indices, sampled, strict=True
+        ):
+            if request.is_finished:
+                continue  # stopped or aborted while this step was in flight: the row is moot
+            request.resolve_placeholder(index, token.token_id, now)
+            self.kv.register_full_blocks(request)
+            self._accept(request, [token.token_id], [(token.logprob, token.top_logprobs)])
+            num_generated += 1
+        self._record_step(
+            in_flight.batch, num_generated, max(in_flight.start, self._last_landed), now
+        )
+        self._last_landed = time.perf_counter()
+        touched = {r.request_id: r for r, _ in in_flight.batch.scheduled}
+        return [self._output(r) for r in touched.values() if r.request_id in self.requests]
 
     def _chunk(self, request: Request, num_new: int) -> SeqChunk:
         start = request.num_computed_tokens
@@ -299,7 +422,7 @@ class EngineCore:
     def _accept(self, request: Request, tokens: list[int], logprobs: list) -> None:
         """Record logprobs and apply the stop rules token by token; tokens after a stop are
         dropped (speculation can emit several at once)."""
-        base = request.num_output_tokens - len(tokens)
+        base = request.num_resolved_output_tokens - len(tokens)
         for i, (token_id, (logprob, top)) in enumerate(zip(tokens, logprobs, strict=True)):
             if logprob is not None:
                 request.output_logprobs.append(TokenLogprob(token_id, logprob, top))
@@ -370,7 +493,9 @@ class EngineCore:
 
     def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
         self.scheduler.finish(request, status)
+        request.drop_placeholders()  # tokens of a step in flight, past the end
         self._grammars.pop(request.request_id, None)
+        self._one_at_a_time.discard(request.request_id)
         if self.speculator is not None:
             self.speculator.free(request)
         request.finish_time = time.monotonic()
@@ -392,14 +517,15 @@ class EngineCore:
                 # The held-back tail completed a stop string only at the end.
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = detok.stop_string
-        self._sent[rid] = (request.num_output_tokens, len(request.output_logprobs))
+        token_ids = request.resolved_output_ids()
+        self._sent[rid] = (len(token_ids), len(request.output_logprobs))
         out = RequestOutput(
             request_id=rid,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
-            token_ids=list(request.output_token_ids),
+            token_ids=token_ids,
             text=detok.output_text if detok is not None else "",
-            delta_token_ids=request.output_token_ids[sent_tokens:],
+            delta_token_ids=token_ids[sent_tokens:],
             delta_text=delta_text,
             logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
             finished=finished,

@@ -13,7 +13,7 @@ import torch
 from engine.attention.metadata import AttentionBackend, AttentionMetadata
 from engine.kv.cache import KVCache
 from engine.model.llama import LlamaForCausalLM
-from engine.runner import SeqChunk
+from engine.runner import InputPatch, SeqChunk
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -47,12 +47,19 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks_per_seq, **i64)  # [max_batch, max_blocks]
         self.seq_lens = torch.ones(n, **i64)
         # The step's inputs are written on the host into pinned memory and sent with a few async
-        # copies. Reusing it each step is safe: the sampler's .tolist() waits for the step, so the
-        # previous step's copies are done before the host writes again.
+        # copies. Two sets, used in turn: with overlap scheduling the host writes step n+1's
+        # inputs while step n's copies may still be queued; an event per set says when its last
+        # copies are done.
         # [4, n]: token, position, slot, context length of each row (one contiguous run per field)
-        self._host = torch.empty(4, n, dtype=torch.int64, pin_memory=True)
-        self._host_fields = self._host.numpy()
-        self._host_tables = torch.empty(n * max_blocks_per_seq, dtype=torch.int64, pin_memory=True)
+        self._host_sets = [
+            (
+                torch.empty(4, n, dtype=torch.int64, pin_memory=True),
+                torch.empty(n * max_blocks_per_seq, dtype=torch.int64, pin_memory=True),
+                torch.cuda.Event(),
+            )
+            for _ in range(2)
+        ]
+        self._next_set = 0
         self._tables_staging = torch.empty(n * max_blocks_per_seq, **i64)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.backend = backend
@@ -108,7 +115,7 @@ class DecodeGraphs:
         )
 
     @torch.inference_mode()
-    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
+    def run(self, chunks: list[SeqChunk], patch: InputPatch | None = None) -> torch.Tensor:
         """Decode-only chunks -> logits [len(chunks), vocab] float32.
 
         Rows from len(chunks) up to the graph's size are padding: a one-token context in the
@@ -118,8 +125,11 @@ class DecodeGraphs:
         bs = next(s for s in self.sizes if s >= n)
         bsz = self.block_size
         width = max(len(c.block_table) for c in chunks)
-        fields = self._host_fields
-        tables = self._host_tables[: bs * width].view(bs, width).numpy()  # [bs, width]
+        host, host_tables, copied = self._host_sets[self._next_set]
+        self._next_set ^= 1
+        copied.synchronize()  # this set's copies two steps ago are done (at once if never used)
+        fields = host.numpy()  # [4, n]
+        tables = host_tables[: bs * width].view(bs, width).numpy()  # [bs, width]
         tables.fill(self.scratch_block)  # short rows and padding rows end in the scratch page
         for i, c in enumerate(chunks):
             table = c.block_table
@@ -137,10 +147,13 @@ class DecodeGraphs:
             (self.slot_mapping, 2),
             (self.seq_lens, 3),
         ):
-            dst[:bs].copy_(self._host[field, :bs], non_blocking=True)
+            dst[:bs].copy_(host[field, :bs], non_blocking=True)
         staging = self._tables_staging[: bs * width]
-        staging.copy_(self._host_tables[: bs * width], non_blocking=True)
+        staging.copy_(host_tables[: bs * width], non_blocking=True)
+        copied.record()
         self.block_tables[:bs, :width] = staging.view(bs, width)
+        if patch is not None:
+            patch.apply(self.input_ids[:bs])
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]

@@ -10,6 +10,8 @@ import torch
 
 from engine.config import SamplingParams
 
+PLACEHOLDER = -1  # a token sampled in a step still in flight: its value is on the device
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -45,6 +47,9 @@ class Request:
     spec_probs: torch.Tensor | None = None  # [len(spec_token_ids), vocab] draft distributions
     num_cached_tokens: int = -1  # prefix-cache hit at first admission (-1: not yet admitted)
     num_preemptions: int = 0
+    # Output tokens sampled on the device but not yet read back (overlap scheduling): always the
+    # last ones of output_token_ids/all_token_ids, holding PLACEHOLDER until resolved.
+    num_placeholders: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: str | int | None = None
     error: str | None = None
@@ -89,9 +94,47 @@ class Request:
     def sort_key(self) -> tuple[int, int]:
         return (self.priority, self.arrival_index)
 
+    @property
+    def num_resolved_tokens(self) -> int:
+        """Tokens whose values the host knows (all but the placeholders)."""
+        return len(self.all_token_ids) - self.num_placeholders
+
+    @property
+    def num_resolved_output_tokens(self) -> int:
+        return len(self.output_token_ids) - self.num_placeholders
+
+    def resolved_output_ids(self) -> list[int]:
+        """A copy of the output tokens whose values are known."""
+        return self.output_token_ids[: self.num_resolved_output_tokens]
+
     def append_tokens(self, token_ids: list[int], now: float) -> None:
         self.output_token_ids.extend(token_ids)
         self.all_token_ids.extend(token_ids)
+        self._mark_token_time(now)
+
+    def append_placeholder(self) -> int:
+        """Count a token sampled in a step that is still in flight -> its output index."""
+        self.output_token_ids.append(PLACEHOLDER)
+        self.all_token_ids.append(PLACEHOLDER)
+        self.num_placeholders += 1
+        return len(self.output_token_ids) - 1
+
+    def resolve_placeholder(self, index: int, token_id: int, now: float) -> None:
+        """The value of output token `index` (the oldest placeholder) is known."""
+        assert self.output_token_ids[index] == PLACEHOLDER, "placeholders resolve in order"
+        self.output_token_ids[index] = token_id
+        self.all_token_ids[self.num_prompt_tokens + index] = token_id
+        self.num_placeholders -= 1
+        self._mark_token_time(now)
+
+    def drop_placeholders(self) -> None:
+        """Forget tokens still in flight (the request finished before them)."""
+        if self.num_placeholders:
+            del self.output_token_ids[-self.num_placeholders :]
+            del self.all_token_ids[-self.num_placeholders :]
+            self.num_placeholders = 0
+
+    def _mark_token_time(self, now: float) -> None:
         if self.first_token_time is None:
             self.first_token_time = now
         self.last_token_time = now

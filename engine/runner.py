@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from engine.attention.metadata import AttentionBackend, AttentionMetadata
+from engine.host_transfer import to_device
 from engine.kv.cache import KVCache
 from engine.model.llama import LlamaForCausalLM
 
@@ -20,6 +21,21 @@ class SeqChunk(NamedTuple):
     start: int  # position of token_ids[0]; the tokens before it are in the cache
     block_table: list[int]  # covers start + len(token_ids) tokens
     num_logits: int  # how many of the last positions need logits (0: a mid-prompt chunk)
+
+
+class InputPatch(NamedTuple):
+    """Input tokens whose values are still on the device (overlap scheduling: sampled by the step
+    in flight). The host passes PLACEHOLDER for them; the patch fills them in on the device."""
+
+    positions: list[int]  # flat indices into the step's input_ids
+    rows: list[int]  # for each, its row of `source`
+    source: torch.Tensor  # [num_sampled_rows] int64, the previous step's sampled tokens
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        """input_ids: [num_tokens] int64, on the device; filled in place."""
+        device = input_ids.device
+        values = self.source.index_select(0, to_device(self.rows, torch.int64, device))
+        input_ids.index_copy_(0, to_device(self.positions, torch.int64, device), values)
 
 
 class StepBatch(NamedTuple):
@@ -67,26 +83,31 @@ class ModelRunner:
         dev = self.device
         meta = AttentionMetadata(
             backend=self.backend,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            slot_mapping=to_device(slots, torch.int64, dev),
+            block_tables=to_device(padded, torch.int64, dev),
+            seq_lens=to_device(seq_lens, torch.int64, dev),
             query_start_loc=starts,
             seq_lens_host=seq_lens,
             num_decodes=num_decodes,
             block_size=bs,
         )
         return StepBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            input_ids=to_device(input_ids, torch.int64, dev),
+            positions=to_device(positions, torch.int64, dev),
             meta=meta,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=dev),
+            logits_indices=to_device(logits_indices, torch.int64, dev),
         )
 
     @torch.inference_mode()
-    def run(self, chunks: list[SeqChunk], num_decodes: int) -> torch.Tensor:
-        """-> logits [sum of num_logits, vocab] float32, in chunk order."""
+    def run(
+        self, chunks: list[SeqChunk], num_decodes: int, patch: InputPatch | None = None
+    ) -> torch.Tensor:
+        """-> logits [sum of num_logits, vocab] float32, in chunk order. Queues the work and
+        returns without waiting for the device."""
         if self.graphs is not None and self.graphs.can_run(chunks, num_decodes):
-            return self.graphs.run(chunks)
+            return self.graphs.run(chunks, patch)
         batch = self.prepare(chunks, num_decodes)
+        if patch is not None:
+            patch.apply(batch.input_ids)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, batch.meta)
         return self.model.logits(hidden[batch.logits_indices])

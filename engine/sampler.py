@@ -34,8 +34,9 @@ from typing import NamedTuple
 import torch
 
 from engine.config import SamplingParams
+from engine.host_transfer import HostCopy, to_device
 
-__all__ = ["SampledToken", "Sampler", "SamplingRow", "make_generator"]
+__all__ = ["DeviceSample", "SampledToken", "Sampler", "SamplingRow", "make_generator"]
 
 
 @dataclass
@@ -51,6 +52,15 @@ class SamplingRow:
     eos_token_ids: Sequence[int] = ()
     # [vocab] bool, True = allowed (grammar-constrained decoding); None = every token allowed.
     allowed_token_mask: torch.Tensor | None = None
+
+
+class DeviceSample(NamedTuple):
+    """A step's sampling result while it is still on the device (see `Sampler.sample`)."""
+
+    tokens: torch.Tensor  # [num_rows] int64; -1 marks a row that a ban or mask left no token
+    masked: dict[int, str]  # rows a ban or mask touched -> why (to name a dead row)
+    logprob_rows: list[int]  # rows that asked for logprobs
+    host: HostCopy  # tokens, chosen logprobs, top-n ids and values, on their way to the host
 
 
 class SampledToken(NamedTuple):
@@ -77,6 +87,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         """logits: [num_rows, vocab], any float dtype, on the sampler's device."""
+        return self.collect(self.sample(logits, rows), rows)
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
+        """The step's tokens (and logprobs) on the device, and their copy to the host started;
+        nothing here waits for the device. `collect` turns them into SampledTokens."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [num_rows={len(rows)}, vocab], got {tuple(logits.shape)}"
@@ -100,11 +115,24 @@ class Sampler:
         if masked:
             dead = torch.isneginf(processed).all(dim=-1)  # [num_rows] bool
             tokens = torch.where(dead, -1, tokens)
+        want, chosen, top = self._logprobs_on_device(logits, rows, tokens)
+        top_ids, top_vals = top if top is not None else (None, None)
+        return DeviceSample(
+            tokens=tokens,
+            masked=masked,
+            logprob_rows=want,
+            host=HostCopy([tokens, chosen, top_ids, top_vals]),
+        )
+
+    def collect(self, sample: DeviceSample, rows: list[SamplingRow]) -> list[SampledToken]:
+        """Wait for `sample`'s host copy -> one SampledToken per row. Raises ValueError if a ban
+        or mask left a row no token."""
+        tokens, chosen, top_ids, top_vals = sample.host.wait()
         token_ids: list[int] = tokens.tolist()
         if -1 in token_ids:
-            self._raise_dead([i for i, t in enumerate(token_ids) if t == -1], rows, masked)
-
-        logprobs = self._logprobs(logits, rows, tokens)
+            dead = [i for i, t in enumerate(token_ids) if t == -1]
+            self._raise_dead(dead, rows, sample.masked)
+        logprobs = self._logprobs_on_host(sample.logprob_rows, rows, chosen, top_ids, top_vals)
         return [
             SampledToken(token_ids[i], *logprobs.get(i, (None, None))) for i in range(len(rows))
         ]
@@ -136,7 +164,7 @@ class Sampler:
         sampled = [(row.params, not row.params.greedy) for row in rows]
 
         def row_values(values: list[float]) -> torch.Tensor:  # [num_rows]
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return to_device(values, torch.float32, device)
 
         # Greedy rows divide by 1 (not 0); their one-hot replaces the result anyway.
         x = logits / row_values([p.temperature if s else 1.0 for p, s in sampled])[:, None]
@@ -148,7 +176,7 @@ class Sampler:
         use_p = any(v != float("inf") for v in top_p_list)
         if use_p or any(k != vocab - 1 for k in kth):
             sorted_x = x.sort(dim=-1, descending=True).values  # [num_rows, vocab]
-            kth_index = torch.tensor(kth, device=device)[:, None]  # [num_rows, 1]
+            kth_index = to_device(kth, torch.long, device)[:, None]  # [num_rows, 1]
             threshold = sorted_x.gather(1, kth_index)  # [num_rows, 1]
             if use_p:
                 sorted_x = sorted_x.masked_fill(sorted_x < threshold, float("-inf"))
@@ -171,7 +199,7 @@ class Sampler:
             probs = probs / probs.sum(dim=-1, keepdim=True)
 
         if not all(s for _, s in sampled):
-            is_greedy = torch.tensor([not s for _, s in sampled], device=device)  # [num_rows]
+            is_greedy = to_device([not s for _, s in sampled], torch.bool, device)  # [num_rows]
             one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
             probs = torch.where(is_greedy[:, None], one_hot, probs)
         return probs
@@ -204,14 +232,16 @@ class Sampler:
     ) -> list[tuple[float | None, list[tuple[int, float]] | None]]:
         """(chosen token's logprob, top-n) per row for tokens chosen elsewhere (speculative
         verification); (None, None) for rows that don't ask."""
-        found = self._logprobs(logits, rows, tokens)
+        want, chosen, top = self._logprobs_on_device(logits, rows, tokens)
+        top_ids, top_vals = top if top is not None else (None, None)
+        found = self._logprobs_on_host(want, rows, chosen, top_ids, top_vals)
         return [found.get(i, (None, None)) for i in range(len(rows))]
 
     # ------------------------------------------------------------------ internals
 
     @staticmethod
     def _index(indices: list[int], device: torch.device) -> torch.Tensor:
-        return torch.tensor(indices, dtype=torch.long, device=device)
+        return to_device(indices, torch.long, device)
 
     def _process(
         self, logits: torch.Tensor, rows: list[SamplingRow]
@@ -248,8 +278,8 @@ class Sampler:
                 vocab,
                 device,
             )
-            penalty = torch.tensor(
-                [rows[i].params.repetition_penalty for i in rep], dtype=torch.float32, device=device
+            penalty = to_device(
+                [rows[i].params.repetition_penalty for i in rep], torch.float32, device
             )[:, None]
             sub = out.index_select(0, idx)  # [len(rep), vocab]
             # Exactly HF's RepetitionPenaltyLogitsProcessor: multiply if < 0, else divide.
@@ -259,15 +289,11 @@ class Sampler:
         if pres_freq:
             idx = self._index(pres_freq, device)
             counts = _id_counts([list(rows[i].output_token_ids) for i in pres_freq], vocab, device)
-            presence = torch.tensor(
-                [rows[i].params.presence_penalty for i in pres_freq],
-                dtype=torch.float32,
-                device=device,
+            presence = to_device(
+                [rows[i].params.presence_penalty for i in pres_freq], torch.float32, device
             )[:, None]
-            frequency = torch.tensor(
-                [rows[i].params.frequency_penalty for i in pres_freq],
-                dtype=torch.float32,
-                device=device,
+            frequency = to_device(
+                [rows[i].params.frequency_penalty for i in pres_freq], torch.float32, device
             )[:, None]
             sub = out.index_select(0, idx)  # [len(pres_freq), vocab]
             sub = sub - presence * (counts > 0) - frequency * counts
@@ -308,28 +334,45 @@ class Sampler:
             "every token is masked out, nothing can be sampled (" + "; ".join(parts) + ")"
         )
 
-    def _logprobs(
+    def _logprobs_on_device(
         self, logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor
-    ) -> dict[int, tuple[float, list[tuple[int, float]] | None]]:
-        """Row index -> (chosen token's logprob, top-n) for the rows that ask for logprobs."""
+    ) -> tuple[list[int], torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """For the rows that ask for logprobs: (their indices, the chosen tokens' logprobs
+        [len(want)], the top-n (ids, values) [len(want), n_max] or None), all on the device."""
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not want:
-            return {}
+            return want, None, None
         idx = self._index(want, logits.device)
         # Raw model distribution: before penalties, masks and temperature (vLLM's default).
         logp = logits.index_select(0, idx).float().log_softmax(dim=-1)  # [len(want), vocab]
-        chosen: list[float] = logp.gather(1, tokens.index_select(0, idx)[:, None])[:, 0].tolist()
+        # A dead row's token is -1 (it raises in collect); clamp so the gather stays in range.
+        chosen_ids = tokens.index_select(0, idx).clamp(min=0)[:, None]  # [len(want), 1]
+        chosen = logp.gather(1, chosen_ids)[:, 0]  # [len(want)]
         n_max = min(max(rows[i].params.logprobs or 0 for i in want), logp.shape[-1])
-        top_ids: list[list[int]] = []
-        top_vals: list[list[float]] = []
-        if n_max > 0:
-            top = logp.topk(n_max, dim=-1)  # values, indices: [len(want), n_max], best first
-            top_ids, top_vals = top.indices.tolist(), top.values.tolist()
+        if n_max == 0:
+            return want, chosen, None
+        top = logp.topk(n_max, dim=-1)  # values, indices: [len(want), n_max], best first
+        return want, chosen, (top.indices, top.values)
+
+    @staticmethod
+    def _logprobs_on_host(
+        want: list[int],
+        rows: list[SamplingRow],
+        chosen: torch.Tensor | None,
+        top_ids: torch.Tensor | None,
+        top_vals: torch.Tensor | None,
+    ) -> dict[int, tuple[float, list[tuple[int, float]] | None]]:
+        """Row index -> (chosen token's logprob, top-n) for the rows that ask for logprobs."""
+        if not want:
+            return {}
+        chosen_list: list[float] = chosen.tolist()
+        ids: list[list[int]] = top_ids.tolist() if top_ids is not None else []
+        vals: list[list[float]] = top_vals.tolist() if top_vals is not None else []
         result: dict[int, tuple[float, list[tuple[int, float]] | None]] = {}
         for j, i in enumerate(want):
             n = rows[i].params.logprobs or 0
-            top_n = list(zip(top_ids[j][:n], top_vals[j][:n], strict=True)) if n > 0 else None
-            result[i] = (chosen[j], top_n)
+            top_n = list(zip(ids[j][:n], vals[j][:n], strict=True)) if n > 0 else None
+            result[i] = (chosen_list[j], top_n)
         return result
 
 
@@ -351,4 +394,4 @@ def _id_counts(ids: list[list[int]], vocab: int, device: torch.device) -> torch.
 def _pad(ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     width = max(1, max(len(row) for row in ids))
     padded = [row + [vocab] * (width - len(row)) for row in ids]
-    return torch.tensor(padded, dtype=torch.long, device=device).clamp_(max=vocab)
+    return to_device(padded, torch.long, device).clamp_(max=vocab)

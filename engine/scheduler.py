@@ -55,8 +55,10 @@ class Scheduler:
         max_num_tokens: int,
         max_num_seqs: int,
         enable_chunked_prefill: bool = True,
+        max_model_len: int | None = None,
     ) -> None:
         self.kv = kv
+        self.max_model_len = max_model_len
         self.max_num_tokens = max_num_tokens
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -94,6 +96,8 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if self._reached_length(request):
+                continue  # its last token is still in flight (overlap): it finishes on arrival
             num_known = request.num_tokens - request.num_computed_tokens
             num_new = min(num_known + len(request.spec_token_ids), budget)
             if num_new <= 0:
@@ -141,6 +145,15 @@ class Scheduler:
             else:
                 out.prefills.append(item)
         return out
+
+    def _reached_length(self, request: Request) -> bool:
+        """Has max_tokens or max_model_len tokens, counting placeholders (without overlap
+        scheduling such a request has already finished)."""
+        if not request.num_placeholders:
+            return False
+        return request.num_output_tokens >= request.params.max_tokens or (
+            self.max_model_len is not None and request.num_tokens >= self.max_model_len
+        )
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)

@@ -79,6 +79,12 @@ def add_engine_args(
         help="do not reuse cached prompt prefixes",
     )
     g.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        default=None,
+        help="overlap scheduling: queue the next step before the last one's tokens are read",
+    )
+    g.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
         help="auto: the checkpoint's weights; dummy: random weights at its shapes",
@@ -104,6 +110,7 @@ _ENGINE_FIELDS = (
     "kv_cache_dtype",
     "enable_prefix_caching",
     "load_format",
+    "async_scheduling",
 )
 
 

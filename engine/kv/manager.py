@@ -93,15 +93,17 @@ class KVCacheManager:
 
     def register_full_blocks(self, request: Request) -> None:
         """Register the request's blocks that are now full of computed tokens."""
-        if not self.enable_prefix_caching:
-            return
+        blocks = self.req_blocks.get(request.request_id)
+        if not self.enable_prefix_caching or not blocks:
+            return  # no caching, or the request holds no pages (preempted)
         rid = request.request_id
-        num_full = min(request.num_computed_tokens // self.block_size, len(self.req_blocks[rid]))
+        # Hashes need the tokens' values: blocks holding a placeholder wait for it to resolve.
+        num_known = min(request.num_computed_tokens, request.num_resolved_tokens)
+        num_full = min(num_known // self.block_size, len(blocks))
         start = self.req_num_registered.get(rid, 0)
         if num_full <= start:
             return
         hashes = self._hashes(request, num_full)
-        blocks = self.req_blocks[rid]
         for i in range(start, num_full):
             self.pool.register(blocks[i], hashes[i])
         self.req_num_registered[rid] = num_full
