@@ -57,7 +57,9 @@ def test_greedy_output_equals_transformers(llama_checkpoint, engine_kwargs):
     params = [SamplingParams(max_tokens=6 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
     llm = LLM(str(llama_checkpoint), async_scheduling=True, **engine_kwargs)
     outs = llm.generate(prompts, params)
-    want = [hf_greedy(llama_checkpoint, p, sp.max_tokens) for p, sp in zip(prompts, params)]
+    want = [
+        hf_greedy(llama_checkpoint, p, sp.max_tokens) for p, sp in zip(prompts, params, strict=True)
+    ]
     assert [o.token_ids for o in outs] == want
     assert all(o.finish_reason == "length" for o in outs)
     if "num_kv_blocks" in engine_kwargs:
