@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="weights: fp8, int4_awq, ... (dummy weights quantized as ModelOpt would)",
     )
+    parser.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="overlap scheduling: queue step n+1 before reading step n's tokens",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument(
         "--rows",
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=isl + osl,
             max_num_tokens=max(2048, isl),
             quantization=args.quantization,
+            async_scheduling=args.async_scheduling,
         )
         bench = BenchConfig(
             num_requests=requests,
@@ -107,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "card": card,
             "model": args.model,
             "precision": precision,
+            "async_scheduling": args.async_scheduling,
             "isl": isl,
             "osl": osl,
             "batch": batch,
