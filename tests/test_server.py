@@ -132,7 +132,15 @@ def test_chat_streaming_equals_non_streaming(client):
         c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
     ]
     assert finish == [whole.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.prompt_tokens == whole.usage.prompt_tokens
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.total_tokens == whole.usage.total_tokens
+    # The same prompt again: its full KV pages come from the prefix cache, and usage says so.
+    cached = usage.prompt_tokens_details.cached_tokens
+    block = ENGINE["block_size"]
+    assert cached == (usage.prompt_tokens - 1) // block * block > 0
+    assert whole.usage.prompt_tokens_details.cached_tokens <= cached
 
 
 def test_stop_seed_and_n(client, reference):

@@ -5,6 +5,7 @@ wrong key, or one that goes away shows as a status, never a traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from engine import AsyncLLM
 from engine.server import BackgroundServer, ServerSettings, create_app
 from engine.state import EngineState
 from panels.chat import ChatPanel
+from panels.client import ChatParams
 from panels.monitor import MonitorPanel
 from panels.remote_client import RemoteEngineClient, ServerUnavailable, base_url
 from panels.widgets.hardware_view import HardwareView
@@ -112,6 +114,27 @@ def test_connect_reads_the_server(server) -> None:
     with pytest.raises(ServerUnavailable, match="cannot reach the server at http://127.0.0.1:9"):
         RemoteEngineClient.connect("127.0.0.1:9")
     assert base_url("localhost:8000/v1") == "http://localhost:8000"
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens(server) -> None:
+    """The server's usage carries prompt_tokens_details.cached_tokens, so an attached chat shows
+    the prefix-cache hit as a local one does."""
+    client = RemoteEngineClient.connect(server.url, KEY, poll_interval=0.05)
+    messages = [{"role": "user", "content": "Tell me a story about a cat and a red ball."}]
+    params = ChatParams(temperature=0.0, max_tokens=4)
+
+    async def reply(request_id: str):
+        return [chunk async for chunk in client.chat(messages, params, request_id)][-1]
+
+    try:
+        first = asyncio.run(reply("first"))
+        second = asyncio.run(reply("second"))
+    finally:
+        client.close()
+    assert first.finished and second.finished and second.text == first.text
+    block = ENGINE["block_size"]
+    assert second.num_prompt_tokens == first.num_prompt_tokens > block
+    assert second.num_cached_tokens == (second.num_prompt_tokens - 1) // block * block
 
 
 # --- the app ----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from engine.server.protocol import (
     TopLogprob,
     Usage,
 )
-from engine.server.streams import StreamProgress, SubRequest
+from engine.server.streams import StreamProgress, SubRequest, cached_prompt_tokens
 
 
 async def create_chat_completion(
@@ -84,10 +84,7 @@ async def create_chat_completion(
         def last() -> Iterable[ChatCompletionChunk]:
             if req.stream_options is None or not req.stream_options.include_usage:
                 return ()
-            done = progress.num_completion_tokens
-            usage = Usage(
-                prompt_tokens=len(prompt), completion_tokens=done, total_tokens=len(prompt) + done
-            )
+            usage = Usage.of(len(prompt), progress.num_completion_tokens, progress.num_cached_tokens)
             return (chunk([], usage),)
 
         return ctx.stream(subs, req.priority, chunks, first=first, last=last)
@@ -109,9 +106,7 @@ async def create_chat_completion(
         created=created,
         model=model,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=len(prompt), completion_tokens=done, total_tokens=len(prompt) + done
-        ),
+        usage=Usage.of(len(prompt), done, cached_prompt_tokens(finals)),
     )
 
 

@@ -21,7 +21,7 @@ from engine.server.protocol import (
     CompletionResponse,
     Usage,
 )
-from engine.server.streams import StreamProgress, SubRequest
+from engine.server.streams import StreamProgress, SubRequest, cached_prompt_tokens
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -76,11 +76,8 @@ async def create_completion(
         def last() -> Iterable[CompletionResponse]:
             if req.stream_options is None or not req.stream_options.include_usage:
                 return ()
-            done = progress.num_completion_tokens
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=done,
-                total_tokens=prompt_tokens + done,
+            usage = Usage.of(
+                prompt_tokens, progress.num_completion_tokens, progress.num_cached_tokens
             )
             return (
                 CompletionResponse(
@@ -110,11 +107,7 @@ async def create_completion(
         created=created,
         model=model,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens_total,
-            total_tokens=prompt_tokens + completion_tokens_total,
-        ),
+        usage=Usage.of(prompt_tokens, completion_tokens_total, cached_prompt_tokens(finals)),
     )
 
 

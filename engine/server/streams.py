@@ -43,6 +43,7 @@ class StreamProgress:
     def __init__(self) -> None:
         self.sent_logprobs: dict[int, int] = {}
         self.completion_tokens: dict[int, int] = {}
+        self.cached_tokens: dict[int, int] = {}
 
     def advance(self, index: int, out: RequestOutput) -> list | None:
         """The logprobs new since the last chunk of this choice, or None when the output brings
@@ -54,11 +55,25 @@ class StreamProgress:
         self.sent_logprobs[index] = start + len(new)
         if out.finished:
             self.completion_tokens[index] = len(out.token_ids)
+            self.cached_tokens[index] = cached_prompt_tokens({index: out})
         return new
 
     @property
     def num_completion_tokens(self) -> int:
         return sum(self.completion_tokens.values())
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.cached_tokens[min(self.cached_tokens)] if self.cached_tokens else 0
+
+
+def cached_prompt_tokens(finals: dict[int, RequestOutput]) -> int:
+    """Prompt tokens served from the prefix cache, as usage reports them: the prompt is counted
+    once however many choices share it, so the first choice's hit (as vLLM reports it)."""
+    if not finals:
+        return 0
+    metrics = finals[min(finals)].metrics
+    return metrics.num_cached_tokens if metrics is not None else 0
 
 
 class ClientDisconnected(Exception):
