@@ -84,7 +84,9 @@ async def create_chat_completion(
         def last() -> Iterable[ChatCompletionChunk]:
             if req.stream_options is None or not req.stream_options.include_usage:
                 return ()
-            usage = Usage.of(len(prompt), progress.num_completion_tokens, progress.num_cached_tokens)
+            usage = Usage.of(
+                len(prompt), progress.num_completion_tokens, progress.num_cached_tokens
+            )
             return (chunk([], usage),)
 
         return ctx.stream(subs, req.priority, chunks, first=first, last=last)
