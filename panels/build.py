@@ -30,6 +30,7 @@ RECIPES = ("none", "fp8", "fp8_per_channel", "int8_sq", "int4_awq", "w4a8_awq")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 BUNDLED = ("tiny", "tiny-draft")
 LIST_LIMIT = 200
+RUNNING_REFRESH_S = 2.0  # how often the list is read again while it shows a running build
 
 HELP = """\
 ## Build
@@ -122,6 +123,13 @@ class BuildPanel(VerticalScroll):
         self.table.add_columns(*BUILD_COLUMNS)
         self._default_out()
         self.reload()
+        self.set_interval(RUNNING_REFRESH_S, self._refresh_running)
+
+    def _refresh_running(self) -> None:
+        """Builds running elsewhere (the CLI, another TUI) move on, finish or die without telling
+        this panel: while the list shows one running, read it again."""
+        if any(b.status == "running" for b in self.builds.values()):
+            self.reload()
 
     @property
     def table(self) -> DataTable[str]:

@@ -6,6 +6,8 @@ recorded builds. Builds are real `workbench build` child processes on the bundle
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from build_support import eval_text, seed_builds  # noqa: F401  (fixtures)
@@ -183,3 +185,29 @@ def test_compare_rows_cope_with_partial_reports(store) -> None:
     assert table["calibrate (s)"][by_recipe["int4_awq"]] == "39.8"
     assert table["status"][by_recipe["int8_sq"]] == "calibrate…"
     assert os.getpid() == store.get_build(builds[by_recipe["int8_sq"]].id).pid
+
+
+def test_a_build_killed_elsewhere_turns_failed_without_a_reload(
+    tmp_path: Path, store, engine_client
+) -> None:
+    """A build started from another terminal and killed there (SIGKILL: it records nothing)
+    shows as failed within a few seconds, with the panel left open."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    build_id = store.record_build("tiny", "fp8", "auto", str(tmp_path / "e"), pid=child.pid)
+    app = app_for(tmp_path, store, engine_client)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("f5")
+            panel = app.query_one(BuildPanel)
+            await wait_for(pilot, lambda: build_id in panel.builds, what="the list")
+            assert panel.builds[build_id].status == "running"
+            child.kill()
+            child.wait()
+            dead = lambda: panel.builds[build_id].status == "failed"  # noqa: E731
+            await wait_for(pilot, dead, timeout=10, what="the dead build")
+
+    try:
+        run(main())
+    finally:
+        child.kill()
