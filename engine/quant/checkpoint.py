@@ -77,10 +77,10 @@ class QuantConfig:
         )
 
 
-def read_quant_config(model_dir: Path) -> QuantConfig | None:
-    """The weight quantization of the checkpoint in `model_dir`, or None when its weights are
-    not quantized (a KV-cache-only ModelOpt export has quant_algo null). A quantization_config
-    of another tool (GPTQ, AWQ, compressed-tensors, bitsandbytes, ...) is an error."""
+def quant_section(model_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint's quantization description and the file it is in: hf_quant_config.json's
+    "quantization" object (ModelOpt's own export), else config.json's quantization_config (any
+    tool's, as the Hub carries them); None when it has neither."""
     model_dir = Path(model_dir)
     hf_quant = model_dir / HF_QUANT_CONFIG
     if hf_quant.is_file():
@@ -88,7 +88,7 @@ def read_quant_config(model_dir: Path) -> QuantConfig | None:
         section = data.get("quantization", data)
         if not isinstance(section, dict):
             raise QuantConfigError(f"{hf_quant} has no 'quantization' object")
-        return _parse(section, str(hf_quant), exclude_key="exclude_modules")
+        return section, hf_quant
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         return None
@@ -97,14 +97,27 @@ def read_quant_config(model_dir: Path) -> QuantConfig | None:
         return None
     if not isinstance(section, dict):
         raise QuantConfigError(f"{config_file}: quantization_config is not a JSON object")
+    return section, config_file
+
+
+def read_quant_config(model_dir: Path) -> QuantConfig | None:
+    """The weight quantization of the checkpoint in `model_dir`, or None when its weights are
+    not quantized (a KV-cache-only ModelOpt export has quant_algo null). A quantization_config
+    of another tool (GPTQ, AWQ, compressed-tensors, bitsandbytes, ...) is an error."""
+    found = quant_section(model_dir)
+    if found is None:
+        return None
+    section, source = found
+    if source.name == HF_QUANT_CONFIG:
+        return _parse(section, str(source), exclude_key="exclude_modules")
     method = str(section.get("quant_method", "")).lower()
     if method != "modelopt":
         raise QuantConfigError(
-            f"{config_file} is quantized with quant_method {method or 'unknown'!r}; the engine "
+            f"{source} is quantized with quant_method {method or 'unknown'!r}; the engine "
             "serves ModelOpt checkpoints (quant_method 'modelopt' or hf_quant_config.json) only"
         )
     key = "ignore" if "ignore" in section else "exclude_modules"
-    return _parse(section, str(config_file), exclude_key=key)
+    return _parse(section, str(source), exclude_key=key)
 
 
 def _parse(section: dict[str, Any], source: str, exclude_key: str) -> QuantConfig | None:

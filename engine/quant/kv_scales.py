@@ -17,11 +17,12 @@ is built with:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from engine.quant.checkpoint import quant_section
 
 _SCALE_NAME = re.compile(r"model\.layers\.(\d+)\.self_attn\.(k_proj\.k_scale|v_proj\.v_scale)")
 
@@ -34,15 +35,13 @@ class KVQuant(NamedTuple):
 
 def checkpoint_kv_algo(model_dir: Path) -> str | None:
     """The KV-cache quantization a ModelOpt checkpoint was built with ("FP8", ...), or None."""
-    hf_quant = model_dir / "hf_quant_config.json"
-    if hf_quant.is_file():
-        algo = _read_json(hf_quant).get("quantization", {}).get("kv_cache_quant_algo")
-        return str(algo).upper() if algo else None
-    config = model_dir / "config.json"
-    qcfg: dict[str, Any] = _read_json(config).get("quantization_config") or {}
-    if qcfg.get("kv_cache_quant_algo"):
-        return str(qcfg["kv_cache_quant_algo"]).upper()
-    scheme = qcfg.get("kv_cache_scheme")
+    found = quant_section(model_dir)
+    if found is None:
+        return None
+    section = found[0]
+    if section.get("kv_cache_quant_algo"):
+        return str(section["kv_cache_quant_algo"]).upper()
+    scheme = section.get("kv_cache_scheme")  # compressed-tensors' spelling
     if isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8:
         return "FP8"
     return str(scheme).upper() if isinstance(scheme, str) else None
@@ -108,14 +107,6 @@ def resolve_kv_quant(kv_cache_dtype: str, model_dir: Path | None, num_layers: in
             raise CheckpointError(f"{model_dir} says its KV cache is FP8 but holds no KV scales")
         return KVQuant("fp8", [(1.0, 1.0)] * num_layers, "default 1.0")
     return KVQuant("fp8", scales, "checkpoint")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    with open(path) as f:
-        data = json.load(f)
-    return data if isinstance(data, dict) else {}
 
 
 def kv_quant_for(config: Any, loaded: Any) -> KVQuant:
