@@ -46,6 +46,36 @@ def timed_steps(core: EngineCore, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def host_split(core: EngineCore, steps: int) -> dict[str, float]:
+    """ms per step in the model (runner.run), in sampling, and in everything else: the host's
+    bookkeeping (scheduling, inputs, stop checks, detokenizing, outputs). On the CPU the first two
+    are the computation itself; on a GPU, the time to queue it."""
+    spent = {"model": 0.0, "sampling": 0.0}
+
+    def timed(name: str, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+
+        return wrapper
+
+    run, sample, collect = core.runner.run, core.sampler.sample, core.sampler.collect
+    core.runner.run = timed("model", run)
+    core.sampler.sample = timed("sampling", sample)
+    core.sampler.collect = timed("sampling", collect)
+    try:
+        total = timed_steps(core, steps)
+    finally:
+        core.runner.run, core.sampler.sample, core.sampler.collect = run, sample, collect
+    split = {name: 1e3 * value / steps for name, value in spent.items()}
+    split["host"] = 1e3 * total - split["model"] - split["sampling"]
+    split["step"] = 1e3 * total
+    return split
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3.1-8b")
@@ -57,8 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--host-only", action="store_true", help="only the model / sampling / host split"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     extra = {"quantization": args.quantization} if args.quantization else {}
     t0 = time.perf_counter()
     core = EngineCore(
@@ -78,6 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     timed_steps(core, 8)  # warm-up
     per_step = timed_steps(core, args.steps)
     lines.append(f"plain: {per_step * 1e3:.2f} ms per step")
+    split = host_split(core, args.steps)
+    lines.append(
+        "split, ms per step: "
+        + ", ".join(f"{name} {value:.2f}" for name, value in split.items())
+        + f" ({split['host'] / args.batch * 1e3:.1f} us of host work per request)"
+    )
+    if args.host_only:
+        print("\n".join(lines))
+        return 0
 
     profiler = cProfile.Profile()
     profiler.enable()
