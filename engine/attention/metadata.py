@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
 
+from engine.host_transfer import to_device
 from engine.kv.cache import LayerKV
 
 
@@ -44,3 +46,15 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
+
+    @cached_property
+    def prefill_starts(self) -> torch.Tensor:
+        """[num_prefills + 1] int64 on the device: the prefill chunks' offsets into the tokens
+        after the decodes (made once per step, shared by every layer)."""
+        starts = self.query_start_loc[self.num_decodes :]
+        return to_device([s - starts[0] for s in starts], torch.int64, self.seq_lens.device)
+
+    @property
+    def max_prefill_len(self) -> int:
+        starts = self.query_start_loc[self.num_decodes :]
+        return max((b - a for a, b in zip(starts, starts[1:], strict=False)), default=0)

@@ -39,11 +39,18 @@ class TorchAttention:
         nd = meta.num_decodes
         if nd:
             out[:nd] = self._decode(q[:nd], kv_cache, meta, scale)
-        starts = meta.query_start_loc
-        for i in range(nd, meta.num_seqs):
-            lo, hi = starts[i], starts[i + 1]
-            out[lo:hi] = self._prefill(q[lo:hi], kv_cache, meta, i, scale)
+        if meta.num_seqs > nd:
+            self._prefills(q, kv_cache, meta, scale, out)
         return out
+
+    def _prefills(
+        self, q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float, out: torch.Tensor
+    ) -> None:
+        """Fill out's rows of the prefill chunks (the sequences after the decodes)."""
+        starts = meta.query_start_loc
+        for i in range(meta.num_decodes, meta.num_seqs):
+            lo, hi = starts[i], starts[i + 1]
+            out[lo:hi] = self._prefill(q[lo:hi], kv, meta, i, scale)
 
     def _decode(self, q, kv: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         nd = q.shape[0]
