@@ -73,6 +73,8 @@ def host_split(core: EngineCore, steps: int) -> dict[str, float]:
     split = {name: 1e3 * value / steps for name, value in spent.items()}
     split["host"] = 1e3 * total - split["model"] - split["sampling"]
     split["step"] = 1e3 * total
+    recent = list(core.recent_steps)[-steps:]
+    split["batch"] = sum(s.batch_size for s in recent) / max(len(recent), 1)
     return split
 
 
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "--host-only", action="store_true", help="only the model / sampling / host split"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--async-scheduling", action="store_true", help="overlap scheduling")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             max_model_len=args.max_model_len,
             max_num_seqs=max(args.batch, 1),
+            async_scheduling=args.async_scheduling,
             **extra,
         )
     )
@@ -117,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     split = host_split(core, args.steps)
     lines.append(
         "split, ms per step: "
-        + ", ".join(f"{name} {value:.2f}" for name, value in split.items())
-        + f" ({split['host'] / args.batch * 1e3:.1f} us of host work per request)"
+        + ", ".join(f"{name} {value:.2f}" for name, value in split.items() if name != "batch")
+        + f"; {split['batch']:.0f} requests a step, "
+        + f"{split['host'] / split['batch'] * 1e3:.1f} us of host work per request"
     )
     if args.host_only:
         print("\n".join(lines))
