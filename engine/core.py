@@ -287,12 +287,7 @@ class EngineCore:
             if self.speculator is not None:
                 self.speculator.after_step({})
             return outputs
-        start = time.perf_counter()
-        now = time.monotonic()
-        for request, _ in batch.scheduled:
-            if request.scheduled_time is None:
-                request.scheduled_time = now
-        chunks = [self._chunk(request, num_new) for request, num_new in batch.scheduled]
+        start, chunks = self._start_step(batch)
         logits = self.runner.run(chunks, len(batch.decodes))  # [sum num_logits, vocab]
         new_tokens, rejected = self._sample(batch, chunks, logits)
         now = time.monotonic()
@@ -317,12 +312,7 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return self._land_in_flight()
-        start = time.perf_counter()
-        now = time.monotonic()
-        for request, _ in batch.scheduled:
-            if request.scheduled_time is None:
-                request.scheduled_time = now
-        chunks = [self._chunk(request, num_new) for request, num_new in batch.scheduled]
+        start, chunks = self._start_step(batch)
         patch = self._placeholder_patch(batch, chunks)
         logits = self.runner.run(chunks, len(batch.decodes), patch)  # [num sampled rows, vocab]
         # No drafts here: a chunk needs one logit row (it reaches its end) or none.
@@ -377,6 +367,16 @@ class EngineCore:
         self._last_landed = time.perf_counter()
         touched = {r.request_id: r for r, _ in in_flight.batch.scheduled}
         return [self._output(r) for r in touched.values() if r.request_id in self.requests]
+
+    def _start_step(self, batch: SchedulerOutput) -> tuple[float, list[SeqChunk]]:
+        """-> (perf_counter at the start, the scheduled requests' chunks); stamps first
+        scheduling times."""
+        start = time.perf_counter()
+        now = time.monotonic()
+        for request, _ in batch.scheduled:
+            if request.scheduled_time is None:
+                request.scheduled_time = now
+        return start, [self._chunk(request, num_new) for request, num_new in batch.scheduled]
 
     def _chunk(self, request: Request, num_new: int) -> SeqChunk:
         start = request.num_computed_tokens

@@ -13,6 +13,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
 from textual.widgets import DataTable, Static
 
+from panels.widgets.table_cursor import cursor_row_key
 from store import BenchRun, Store, StoreError
 
 HELP = """\
@@ -294,13 +295,7 @@ class BenchPanel(Vertical):
         self._detail(self.selected_run())
 
     def selected_run(self) -> int | None:
-        table = self.table
-        if not table.row_count:
-            return None
-        try:
-            key = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
-        except Exception:
-            return None
+        key = cursor_row_key(self.table)
         return int(key) if key else None
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:

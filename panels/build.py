@@ -22,6 +22,7 @@ from panels.build_format import BUILD_COLUMNS, build_row, compare_rows
 from panels.build_process import BuildOptions, BuildProcess
 from panels.format import short_model_name
 from panels.widgets.stage_progress import StageProgress
+from panels.widgets.table_cursor import cursor_row_key
 from store import Build, Store, StoreError
 
 # The recipes and KV cache dtypes of `workbench build` (engine/quant/recipes.py), listed here so
@@ -308,13 +309,7 @@ class BuildPanel(VerticalScroll):
         self._compare()
 
     def selected_build(self) -> int | None:
-        table = self.table
-        if not table.row_count:
-            return None
-        try:
-            key = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
-        except Exception:
-            return None
+        key = cursor_row_key(self.table)
         return int(key) if key else None
 
     def action_mark(self) -> None:

@@ -18,6 +18,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Input, Markdown, Static
 
 from panels.widgets.dialogs import Confirm, TextPrompt
+from panels.widgets.table_cursor import cursor_row_key
 from store import SearchHit, SessionSummary, Store, StoreError
 
 HELP = """\
@@ -172,14 +173,8 @@ class SessionsPanel(Vertical):
             self._preview(selected)
 
     def selected_session(self) -> int | None:
-        table = self.table
-        if not table.row_count:
-            return None
-        try:
-            key = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
-        except Exception:
-            return None
-        return int(str(key).split(":")[0]) if key else None
+        key = cursor_row_key(self.table)
+        return int(key.split(":")[0]) if key else None
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         session_id = self.selected_session()

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.attention.triton_pages import kv_scale_args, load_kv_page
+
 
 @triton.jit
 def _paged_prefill_kernel(
@@ -79,19 +81,24 @@ def _paged_prefill_kernel(
         block = tl.load(block_tables_ptr + seq * stride_bt_seq + page)
         pos = page * BLOCK_SIZE + offs  # [BLOCK_SIZE] key positions
         pos_ok = pos < seq_len
-        base = block * stride_k_block + kv_head * stride_k_head
-        kv_offs = base + offs[:, None] * stride_k_pos + dims[None, :]  # [BLOCK_SIZE, HEAD_DIM]
-        k = tl.load(k_cache_ptr + kv_offs, mask=pos_ok[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs, mask=pos_ok[:, None], other=0.0)
-        if SCALES == 1:  # dequantize in float32, then compute in the query's dtype
-            k = (k.to(tl.float32) * tl.load(k_scale_ptr)).to(q.dtype)
-            v = (v.to(tl.float32) * tl.load(v_scale_ptr)).to(q.dtype)
-        elif SCALES == 2:
-            s_offs = block * stride_s_block + offs * stride_s_pos + kv_head  # [BLOCK_SIZE]
-            ks = tl.load(k_scale_ptr + s_offs, mask=pos_ok, other=0.0)
-            vs = tl.load(v_scale_ptr + s_offs, mask=pos_ok, other=0.0)
-            k = (k.to(tl.float32) * ks[:, None]).to(q.dtype)
-            v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
+        k, v = load_kv_page(
+            k_cache_ptr,
+            v_cache_ptr,
+            k_scale_ptr,
+            v_scale_ptr,
+            block,
+            kv_head,
+            offs,
+            dims,
+            pos_ok,
+            q,
+            stride_k_block,
+            stride_k_pos,
+            stride_k_head,
+            stride_s_block,
+            stride_s_pos,
+            SCALES,
+        )
         scores = (
             tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         )  # [BLOCK_M, BLOCK_SIZE]
@@ -134,17 +141,9 @@ def paged_prefill_attention(
         out = torch.empty_like(q)
     if num_seqs == 0 or num_tokens == 0:
         return out
-    if (k_scale is None) != (v_scale is None):
-        raise ValueError("k_scale and v_scale come together")
-    scales = 0 if k_scale is None else (1 if k_scale.dim() == 0 else 2)
-    if scales == 2 and k_scale.shape != k_cache.shape[:3]:
-        raise ValueError(
-            f"per-slot scales must be {tuple(k_cache.shape[:3])}, got {tuple(k_scale.shape)}"
-        )
-    if scales:
-        k_scale, v_scale = k_scale.contiguous(), v_scale.contiguous()
-    else:
-        k_scale = v_scale = q  # unused
+    scales, k_scale, v_scale, stride_s_block, stride_s_pos = kv_scale_args(
+        k_cache, k_scale, v_scale, q
+    )
     if q.stride(-1) != 1:
         q = q.contiguous()
     block_m = max(16, min(64, triton.next_power_of_2(max_q_len)))
@@ -168,8 +167,8 @@ def paged_prefill_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
-        k_scale.stride(0) if scales == 2 else 0,
-        k_scale.stride(1) if scales == 2 else 0,
+        stride_s_block,
+        stride_s_pos,
         SCALES=scales,
         GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
