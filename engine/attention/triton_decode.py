@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.attention.triton_pages import kv_scale_args, load_kv_page
+from engine.attention.triton_pages import attend_page, kv_scale_args, load_kv_page
 
 MAX_SPLITS = 16
 
@@ -99,16 +99,7 @@ def _paged_decode_split_kernel(
             stride_s_pos,
             SCALES,
         )
-        scores = (
-            tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-        )  # [GROUP_PAD, BLOCK_SIZE]
-        scores = tl.where(pos_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, denom, acc = attend_page(q, k, v, pos_ok[None, :], m, denom, acc, scale, PRECISION)
 
     # An empty split (fewer pages than splits) leaves m = -inf and denom = 0: the merge skips it.
     part = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split  # [GROUP_PAD]

@@ -1,5 +1,6 @@
 """What the paged Triton attention kernels share: loading one KV page (dequantizing an fp8 or
-int8 cache as it is read) and checking the scales that come with a quantized cache."""
+int8 cache as it is read), one page's step of the online softmax, and checking the scales that
+come with a quantized cache."""
 
 from __future__ import annotations
 
@@ -42,6 +43,29 @@ def load_kv_page(
         k = (k.to(tl.float32) * ks[:, None]).to(like.dtype)
         v = (v.to(tl.float32) * vs[:, None]).to(like.dtype)
     return k, v
+
+
+@triton.jit
+def attend_page(
+    q,  # [ROWS, HEAD_DIM] queries in the compute dtype
+    k,  # [BLOCK_SIZE, HEAD_DIM] one page, as load_kv_page returns it
+    v,
+    visible,  # [ROWS or 1, BLOCK_SIZE] bool: which query may see which key
+    m,  # [ROWS] float32 running max of the scores
+    denom,  # [ROWS] float32 running softmax denominator
+    acc,  # [ROWS, HEAD_DIM] float32 running unnormalised output
+    scale,
+    PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32 rounding), else "tf32"
+):
+    """One page of the online softmax -> the updated (m, denom, acc)."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+    scores = tl.where(visible, scores, float("-inf"))  # [ROWS, BLOCK_SIZE]
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    denom = denom * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, denom, acc
 
 
 def kv_scale_args(

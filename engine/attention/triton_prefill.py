@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.attention.triton_pages import kv_scale_args, load_kv_page
+from engine.attention.triton_pages import attend_page, kv_scale_args, load_kv_page
 
 
 @triton.jit
@@ -99,17 +99,8 @@ def _paged_prefill_kernel(
             stride_s_pos,
             SCALES,
         )
-        scores = (
-            tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-        )  # [BLOCK_M, BLOCK_SIZE]
-        visible = pos_ok[None, :] & (pos[None, :] <= q_pos[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        visible = pos_ok[None, :] & (pos[None, :] <= q_pos[:, None])  # [BLOCK_M, BLOCK_SIZE]
+        m, denom, acc = attend_page(q, k, v, visible, m, denom, acc, scale, PRECISION)
 
     out = acc / denom[:, None]
     tl.store(
