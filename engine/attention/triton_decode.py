@@ -9,6 +9,10 @@ launch keeps 8 of the H100's 132 SMs busy and walks the pages one after another;
 spread them over the whole GPU. With one split the partials are merged by the same code, so the
 numerics do not depend on how many splits ran (up to float32 rounding of the merge).
 
+Quantized pages are not dequantized element by element: e4m3 and int8 values are exact in the
+compute dtype, so fp8's per-layer scales multiply the scores (K) and the output (V), and int8's
+per-token scales the scores' and the softmax weights' columns.
+
 Graph-safe: every size that changes between steps (context lengths, block tables) is read from
 device tensors, and `num_splits` depends only on the batch shape, so a CUDA graph captured once
 replays for any contents.
@@ -16,13 +20,32 @@ replays for any contents.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from engine.attention.triton_pages import attend_page, kv_scale_args, load_kv_page
+from engine.attention.triton_pages import kv_scale_args
 
 MAX_SPLITS = 16
+
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    """Launch shape of the split kernel. `tile_tokens` K/V rows are read per loop iteration
+    (several pages at once: one 16-token page of fp8 K is only 2 KB, too little to keep the
+    memory system busy); scripts/bench_attention.py times the choices."""
+
+    tile_tokens: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def tile_pages(self, block_size: int) -> int:
+        return max(1, self.tile_tokens // block_size)
+
+
+TUNING = DecodeTuning()
 
 
 @triton.jit
@@ -52,6 +75,7 @@ def _paged_decode_split_kernel(
     GROUP_PAD: tl.constexpr,  # GROUP rounded up to >= 16 for tl.dot
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per page
+    TILE_PAGES: tl.constexpr,  # pages read per loop iteration
     PRECISION: tl.constexpr,  # "ieee" for float32 caches (no TF32 rounding), else "tf32"
 ):
     seq = tl.program_id(0)
@@ -59,13 +83,18 @@ def _paged_decode_split_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     num_pages = tl.cdiv(seq_len, BLOCK_SIZE)
-    pages_per_split = tl.cdiv(num_pages, NUM_SPLITS)
+    # Whole tiles per split: a split's last tile is the only one that may be partly masked.
+    pages_per_split = tl.cdiv(tl.cdiv(num_pages, NUM_SPLITS), TILE_PAGES) * TILE_PAGES
     first_page = split * pages_per_split
     last_page = tl.minimum(first_page + pages_per_split, num_pages)
+    end = tl.minimum(last_page * BLOCK_SIZE, seq_len)  # this split's tokens: [first, end)
 
     rows = tl.arange(0, GROUP_PAD)  # query heads of this group (padded)
     dims = tl.arange(0, HEAD_DIM)
-    offs = tl.arange(0, BLOCK_SIZE)
+    TILE: tl.constexpr = TILE_PAGES * BLOCK_SIZE
+    t = tl.arange(0, TILE)  # token of the tile
+    page_of_t = t // BLOCK_SIZE  # [TILE] which of the tile's pages holds token t
+    slot_of_t = t % BLOCK_SIZE
     row_ok = rows < GROUP
     heads = kv_head * GROUP + rows
     q = tl.load(
@@ -73,33 +102,46 @@ def _paged_decode_split_kernel(
         mask=row_ok[:, None],
         other=0.0,
     )  # [GROUP_PAD, HEAD_DIM]
+    dtype = q.dtype
+    # fp8 (one scale per layer): the scales are folded into the score scale and the output
+    # instead of multiplying every element; e4m3 values are exact in the compute dtype.
+    score_scale = scale
+    if SCALES == 1:
+        score_scale = scale * tl.load(k_scale_ptr)
 
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    for page in range(first_page, last_page):
-        block = tl.load(block_tables_ptr + seq * stride_bt_seq + page)
-        pos = page * BLOCK_SIZE + offs
-        pos_ok = pos < seq_len
-        k, v = load_kv_page(
-            k_cache_ptr,
-            v_cache_ptr,
-            k_scale_ptr,
-            v_scale_ptr,
-            block,
-            kv_head,
-            offs,
-            dims,
-            pos_ok,
-            q,
-            stride_k_block,
-            stride_k_pos,
-            stride_k_head,
-            stride_s_block,
-            stride_s_pos,
-            SCALES,
-        )
-        m, denom, acc = attend_page(q, k, v, pos_ok[None, :], m, denom, acc, scale, PRECISION)
+    bt_row = block_tables_ptr + seq * stride_bt_seq
+    for tile_page in range(first_page, last_page, TILE_PAGES):
+        pos = tile_page * BLOCK_SIZE + t  # [TILE]
+        pos_ok = pos < end
+        block = tl.load(bt_row + tile_page + page_of_t, mask=pos_ok, other=0)  # [TILE]
+        kv_offs = (
+            block[:, None] * stride_k_block
+            + slot_of_t[:, None] * stride_k_pos
+            + kv_head * stride_k_head
+            + dims[None, :]
+        )  # [TILE, HEAD_DIM]
+        k = tl.load(k_cache_ptr + kv_offs, mask=pos_ok[:, None], other=0.0).to(dtype)
+        v = tl.load(v_cache_ptr + kv_offs, mask=pos_ok[:, None], other=0.0).to(dtype)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)
+        if SCALES == 2:  # int8: per-token scales scale the scores' and the weights' columns
+            s_offs = block * stride_s_block + slot_of_t * stride_s_pos + kv_head  # [TILE]
+            ks = tl.load(k_scale_ptr + s_offs, mask=pos_ok, other=0.0)
+            vs = tl.load(v_scale_ptr + s_offs, mask=pos_ok, other=0.0)
+            scores = scores * ks[None, :]
+        scores = tl.where(pos_ok[None, :], scores * score_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])  # [GROUP_PAD, TILE]
+        denom = denom * alpha + tl.sum(p, axis=1)
+        if SCALES == 2:
+            p = p * vs[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
+        m = m_new
+    if SCALES == 1:
+        acc = acc * tl.load(v_scale_ptr)
 
     # An empty split (fewer pages than splits) leaves m = -inf and denom = 0: the merge skips it.
     part = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split  # [GROUP_PAD]
@@ -168,6 +210,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    tuning: DecodeTuning | None = None,
 ) -> torch.Tensor:
     """`num_splits` None: chosen from the batch shape and the GPU (see `choose_num_splits`).
     Quantized caches (fp8, int8) come with their scales: `k_scale`/`v_scale` [] float32 (one per
@@ -175,6 +218,7 @@ def paged_decode_attention(
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
+    tuning = tuning or TUNING
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
@@ -216,8 +260,10 @@ def paged_decode_attention(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
+        TILE_PAGES=tuning.tile_pages(block_size),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        num_warps=tuning.num_warps,
+        num_stages=tuning.num_stages,
     )
     _merge_splits_kernel[(num_seqs, num_heads)](
         part_acc,
