@@ -123,8 +123,8 @@ class EngineConfig:
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
     # Overlap scheduling: queue step n+1 before reading step n's tokens back, so the host's
     # bookkeeping runs while the GPU computes. Steps with speculation, grammars, penalties or
-    # min_tokens run one at a time.
-    async_scheduling: bool = False
+    # min_tokens run one at a time. None: on for CUDA, off on the CPU (nothing to overlap with).
+    async_scheduling: bool | None = None
     # KV pages: auto (the checkpoint's KV quantization if it has one, else dtype) | fp8 | int8
     kv_cache_dtype: str = "auto"
     tokenizer: str | None = None

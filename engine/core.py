@@ -305,7 +305,10 @@ class EngineCore:
         return outputs
 
     def _overlaps(self) -> bool:
-        return self.config.async_scheduling and self.speculator is None and not self._one_at_a_time
+        overlap = self.config.async_scheduling
+        if overlap is None:
+            overlap = self.device.type == "cuda"
+        return overlap and self.speculator is None and not self._one_at_a_time
 
     def _overlapped_step(self) -> list[RequestOutput]:
         """Queue this step on the device, then land the previous one (see the module doc)."""

@@ -18,6 +18,7 @@ from engine.runner import InputPatch, SeqChunk
 
 def capture_sizes(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
+    sizes += list(range(1088, 2049, 64))
     return [s for s in sizes if s < max_batch] + [max_batch]
 
 
@@ -61,7 +62,13 @@ class DecodeGraphs:
         ]
         self._next_set = 0
         self._tables_staging = torch.empty(n * max_blocks_per_seq, **i64)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Every graph writes its logits into this one buffer (its first bs rows): a graph's own
+        # output would stay allocated for each of the ~45 sizes (22 GB at batch 2048 of a
+        # 128k vocabulary). The sampler reads them before the next replay, in stream order.
+        vocab = model.lm_head_weight.shape[0]
+        # [max_batch, vocab]
+        self.logits = torch.empty(n, vocab, dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.backend = backend
         self._capture_all()
 
@@ -81,7 +88,7 @@ class DecodeGraphs:
         hidden = self.model(
             self.input_ids[:bs], self.positions[:bs], self.kv_cache.layers, self._meta(bs)
         )
-        return self.model.logits(hidden)  # [bs, vocab]
+        return self.model.logits(hidden, out=self.logits[:bs])  # [bs, vocab]
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -94,8 +101,8 @@ class DecodeGraphs:
                 self._forward(bs)  # warm-up: compile kernels, settle the allocator
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = self._forward(bs)
-                self.graphs[bs] = (graph, logits)
+                    self._forward(bs)
+                self.graphs[bs] = graph
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
 
@@ -154,6 +161,5 @@ class DecodeGraphs:
         self.block_tables[:bs, :width] = staging.view(bs, width)
         if patch is not None:
             patch.apply(self.input_ids[:bs])
-        graph, logits = self.graphs[bs]
-        graph.replay()
-        return logits[:n]
+        self.graphs[bs].replay()
+        return self.logits[:n]

@@ -52,15 +52,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--async-scheduling",
-        action="store_true",
-        help="overlap scheduling: queue step n+1 before reading step n's tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="overlap scheduling: queue step n+1 before reading step n's tokens (default: on)",
+    )
+    parser.add_argument("--kv-cache-dtype", default="auto", help="KV pages: auto, fp8 or int8")
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="most requests running at once (default: all of a row's requests)",
+    )
+    parser.add_argument(
+        "--max-num-tokens", type=int, default=8192, help="token budget of one step (8192)"
     )
     parser.add_argument("--out", required=True)
     parser.add_argument(
         "--rows",
         nargs="+",
         required=True,
-        help="decode1:ISL:OSL or tput:ISL:OSL:REQUESTS[:hf] (concurrency = requests)",
+        help="decode1:ISL:OSL or tput:ISL:OSL:REQUESTS[:hf]: every request queued at once, "
+        "at most --max-num-seqs running (trtllm-bench throughput's method)",
     )
     args = parser.parse_args(argv)
 
@@ -75,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         kind, isl, osl, *rest = spec.split(":")
         isl, osl = int(isl), int(osl)
         requests = 2 if kind == "decode1" else int(rest[0])
-        batch = 1 if kind == "decode1" else requests
+        batch = 1 if kind == "decode1" else min(requests, args.max_num_seqs or requests)
         # The peer runs transformers on the same weights: only for unquantized rows.
         peer = not args.quantization and (kind == "decode1" or (len(rest) > 1 and rest[1] == "hf"))
         engine = EngineConfig(
@@ -84,15 +96,16 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             max_num_seqs=batch,
             max_model_len=isl + osl,
-            max_num_tokens=max(2048, isl),
+            max_num_tokens=max(args.max_num_tokens, isl),
             quantization=args.quantization,
             async_scheduling=args.async_scheduling,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
         bench = BenchConfig(
             num_requests=requests,
             input_len=isl,
             output_len=osl,
-            concurrency=batch,
+            concurrency=1 if kind == "decode1" else requests,
             warmup=1 if kind == "decode1" else 0,
             compare="hf" if peer else None,
         )
@@ -113,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             "card": card,
             "model": args.model,
             "precision": precision,
-            "async_scheduling": args.async_scheduling,
+            "kv_cache_dtype": args.kv_cache_dtype,
+            "async_scheduling": args.async_scheduling is not False,
             "isl": isl,
             "osl": osl,
             "batch": batch,
@@ -123,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             "bandwidth_tb_s": bandwidth / 1e12,
             "weight_bytes": weight_bytes,
             "startup_s": report["engine"]["startup_s"],
-            "tpot_ms_p50": result.get("tpot_ms", {}).get("p50"),
+            "ttft_ms_p50": (result.get("ttft_ms") or {}).get("p50"),
+            "tpot_ms_p50": (result.get("tpot_ms") or {}).get("p50"),
+            "max_num_tokens": engine.max_num_tokens,
             "peer": "transformers generate" if peer else None,
             "peer_output_tok_s": report["peer"]["output_tok_s"] if report["peer"] else None,
             "versions": versions(),

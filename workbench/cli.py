@@ -80,9 +80,10 @@ def add_engine_args(
     )
     g.add_argument(
         "--async-scheduling",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="overlap scheduling: queue the next step before the last one's tokens are read",
+        help="overlap scheduling: queue the next step before the last one's tokens are read "
+        "(default: on for CUDA, off on the CPU)",
     )
     g.add_argument(
         "--load-format",

@@ -1,6 +1,6 @@
 """GPU attention: K/V written by one Triton kernel, decodes through the Triton paged kernel,
-prefill chunks through the reference path (SDPA per sequence, flash attention on the GPU) or,
-with WORKBENCH_TRITON_PREFILL=1, all of a step's chunks through one paged Triton kernel."""
+prefill chunks, all of a step's, through one paged Triton kernel (WORKBENCH_TRITON_PREFILL=0:
+the reference path instead, SDPA per sequence over gathered pages)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class TritonAttention(TorchAttention):
 
     def __init__(self, prefill_kernel: bool | None = None) -> None:
         if prefill_kernel is None:
-            prefill_kernel = os.environ.get(PREFILL_ENV_VAR, "0") == "1"
+            prefill_kernel = os.environ.get(PREFILL_ENV_VAR, "1") != "0"
         self.prefill_kernel = prefill_kernel
 
     def _decode(self, q, kv: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -8,9 +8,9 @@ q_len tokens sits at absolute position seq_len - q_len + j. Quantized caches are
 they are loaded, with the decode kernel's conventions (SCALES 1: one scale per layer, fp8;
 SCALES 2: one per slot and KV head, int8).
 
-The reference (`TorchAttention._prefill`, one SDPA call per sequence over gathered pages) stays the
-default: this kernel has been checked against it under the Triton interpreter, not yet timed on a
-GPU. `WORKBENCH_TRITON_PREFILL=1` turns it on for the Triton backend.
+The Triton backend uses it unless `WORKBENCH_TRITON_PREFILL=0` (then the reference,
+`TorchAttention._prefill`: one SDPA call per sequence over gathered pages); on the H200 it was
+faster in every throughput row measured (docs/performance.md).
 """
 
 from __future__ import annotations

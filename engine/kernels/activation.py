@@ -21,12 +21,14 @@ from engine.kernels.rounding import round_to
 @triton.jit
 def _silu_and_mul_kernel(
     x_ptr,  # [num_tokens, 2 * n_cols]: gate | up
-    out_ptr,  # [num_tokens, n_cols]
+    out_ptr,  # [num_tokens, n_cols]; e4m3 when QUANT
+    inv_scale_ptr,  # [] float32 (QUANT): the down projection's 1 / input_scale
     stride_x,
     stride_out,
     n_cols,
     BLOCK: tl.constexpr,
     PRECISE: tl.constexpr,  # libdevice expf and IEEE division (compiled GPU code only)
+    QUANT: tl.constexpr,  # write e4m3(out * inv_scale): quantize_fp8's arithmetic
 ):
     tok = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -34,33 +36,40 @@ def _silu_and_mul_kernel(
     row = x_ptr + tok * stride_x
     gate = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(row + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty
     if PRECISE:
         silu = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate))
     else:
         silu = gate / (1.0 + tl.exp(-gate))
     silu = round_to(silu, dtype)  # F.silu returns the dtype
-    tl.store(out_ptr + tok * stride_out + cols, round_to(silu * up, dtype).to(dtype), mask=mask)
+    out = round_to(silu * up, dtype)
+    if QUANT:
+        out = tl.clamp(out * tl.load(inv_scale_ptr), -448.0, 448.0)
+    tl.store(out_ptr + tok * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """[..., 2 * n] (gate | up) -> [..., n] = silu(gate) * up, a new contiguous tensor."""
+def silu_and_mul(x: torch.Tensor, inv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., 2 * n] (gate | up) -> [..., n] = silu(gate) * up, a new contiguous tensor; with
+    `inv_scale` ([] float32) quantized to e4m3 as `quantize_fp8(out, inv_scale)`."""
     n = x.shape[-1] // 2
     if x.stride(-1) != 1:
         x = x.contiguous()
     x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    dtype = x.dtype if inv_scale is None else torch.float8_e4m3fn
+    out = torch.empty((*x.shape[:-1], n), dtype=dtype, device=x.device)
     if x2.shape[0] == 0 or n == 0:
         return out
     block = min(1024, triton.next_power_of_2(n))
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
         x2,
         out,
+        inv_scale if inv_scale is not None else x2,
         x2.stride(0),
         n,
         n,
         BLOCK=block,
         PRECISE=x.is_cuda,
+        QUANT=inv_scale is not None,
         num_warps=4,
         enable_fp_fusion=False,
     )

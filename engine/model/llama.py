@@ -29,6 +29,8 @@ from engine.quant.linear import QuantLinear, make_linear
 
 class RMSNorm(nn.Module):
     fused = False  # CUDA: engine/kernels/rmsnorm.py (LlamaForCausalLM.enable_fused_kernels)
+    # Fused only: the next fp8 linear's 1 / input_scale; the normed rows come out in e4m3.
+    out_inv_scale: torch.Tensor | None = None
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -39,9 +41,10 @@ class RMSNorm(nn.Module):
         """-> norm(x); with `residual`: (norm(x + residual), x + residual), the residual add
         fused into the norm as in vLLM. The fused kernel may overwrite x and residual."""
         if self.fused and x.dtype == self.weight.dtype:
+            inv = self.out_inv_scale
             if residual is None:
-                return kernels.rms_norm(x, self.weight, self.eps)
-            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+                return kernels.rms_norm(x, self.weight, self.eps, inv)
+            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps, inv)
         if residual is not None:
             x = residual = x + residual  # in the dtype, as transformers' `residual + hidden`
         # Same arithmetic as transformers' LlamaRMSNorm: statistics in float32, scale in x's dtype.
@@ -101,6 +104,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     fused = False  # CUDA: SiLU-and-mul in one kernel (engine/kernels/activation.py)
+    down_inv_scale: torch.Tensor | None = None  # fused only: SiLU-and-mul's output in e4m3
 
     def __init__(self, config, layer_index: int = 0, quant: QuantConfig | None = None) -> None:
         super().__init__()
@@ -114,7 +118,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
         if self.fused:
-            return self.down_proj(kernels.silu_and_mul(gate_up))
+            return self.down_proj(kernels.silu_and_mul(gate_up, self.down_inv_scale))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -196,16 +200,29 @@ class LlamaForCausalLM(nn.Module):
     def enable_fused_kernels(self, names: frozenset[str], max_positions: int) -> None:
         """Use the Triton kernels in `names` (engine/kernels.KERNELS: "rmsnorm", "rotary", "silu")
         instead of the torch ops; an empty set restores the torch path. CUDA only; positions
-        must stay below max_positions (the rotary cos/sin cache)."""
+        must stay below max_positions (the rotary cos/sin cache). A fused RMSNorm or
+        SiLU-and-mul that feeds an fp8 linear (static activation scale) quantizes its output
+        for it, so no separate quantize kernel runs."""
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.fused = "rmsnorm" in names
+                module.out_inv_scale = None
             elif isinstance(module, MLP):
                 module.fused = "silu" in names
+                module.down_inv_scale = _fp8_inv_scale(module.down_proj) if module.fused else None
+        if "rmsnorm" in names:
+            for layer in self.model.layers:
+                layer.input_layernorm.out_inv_scale = _fp8_inv_scale(layer.self_attn.qkv_proj)
+                layer.post_attention_layernorm.out_inv_scale = _fp8_inv_scale(
+                    layer.mlp.gate_up_proj
+                )
         self.rotary.build_cache(max_positions if "rotary" in names else None)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head_weight).float()  # [rows, vocab]
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [rows, vocab] float32 (written into `out` when given)."""
+        if out is None:
+            return F.linear(hidden, self.lm_head_weight).float()
+        return out.copy_(F.linear(hidden, self.lm_head_weight))
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -263,6 +280,10 @@ class LlamaForCausalLM(nn.Module):
         else:
             sizes = [self.config.intermediate_size] * 2
         return sum(sizes[:shard]), sizes[shard]
+
+
+def _fp8_inv_scale(linear: nn.Module) -> torch.Tensor | None:
+    return linear.fp8_input_inv_scale() if isinstance(linear, QuantLinear) else None
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:

@@ -18,9 +18,16 @@ amax_x = s_x * 448 (ModelOpt's fake-quantizer arithmetic: QuantLinear.finish_inp
   to float8_e4m3fn with the same scale, both operands widened to float32 (exactly), one float32
   matmul, the same scaling. So CPU perplexity reflects fp8 compute.
 The two differ only in float32 summation order.
+
+On CUDA with the static (FP8) recipe the activation is quantized by one Triton kernel, or by the
+kernel that produced it (RMSNorm, SiLU-and-mul: `fp8_input_inv_scale`), which then hands over an
+e4m3 tensor; at M <= 4 rows a Triton GEMV (engine/quant/triton_fp8.py) replaces cuBLASLt
+(`WORKBENCH_FP8_GEMV=0` turns it off).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -30,6 +37,7 @@ from engine.quant.linear import QuantLinear, copy_checked, frozen
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8 = torch.float8_e4m3fn
 DEFAULT_INPUT_AMAX = 8.0  # activation range that dummy weights calibrate their scales for
+GEMV_ENV_VAR = "WORKBENCH_FP8_GEMV"
 
 
 def quantize_fp8(x: torch.Tensor, inv_scale: torch.Tensor | float) -> torch.Tensor:
@@ -115,6 +123,7 @@ class Fp8Linear(QuantLinear):
             self.register_buffer("input_inv_scale", None, persistent=False)
         self.register_buffer("weight_scale_scalar", None, persistent=False)
         self.backend = "emulate"
+        self.gemv_max_rows = 0  # CUDA: rows up to this go through the Triton GEMV
 
     def load_rows(self, suffix: str, shard: int, tensor: torch.Tensor, name: str) -> None:
         start, size = self.rows(shard)
@@ -133,6 +142,15 @@ class Fp8Linear(QuantLinear):
         uniform = bool((self.weight_scale == first).all())
         self.weight_scale_scalar = first.reshape(()).clone() if uniform else None
         self.backend = fp8_backend(self.weight.device, self.in_features, self.out_features)
+        if self.backend == "scaled_mm" and not self.per_token:
+            from engine.quant.triton_fp8 import GEMV_MAX_ROWS
+
+            self.gemv_max_rows = GEMV_MAX_ROWS if os.environ.get(GEMV_ENV_VAR, "1") != "0" else 0
+
+    def fp8_input_inv_scale(self) -> torch.Tensor | None:
+        if self.backend != "scaled_mm" or self.per_token:
+            return None
+        return self.input_inv_scale
 
     @torch.no_grad()
     def quantize_from(self, weight: torch.Tensor) -> None:
@@ -150,11 +168,32 @@ class Fp8Linear(QuantLinear):
 
     def activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [M, K] -> (x_q [M, K] e4m3, its scale [] or [M, 1])."""
+        if x.dtype == FP8:  # quantized by the kernel that produced it (fp8_input_inv_scale)
+            return x, self.input_scale
+        if self.backend == "scaled_mm" and x.is_cuda:
+            from engine.quant.triton_fp8 import quantize_fp8_static
+
+            return quantize_fp8_static(x, self.input_inv_scale), self.input_scale
         return quantize_fp8(x, self.input_inv_scale), self.input_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] in the compute dtype, or e4m3 already quantized with input_scale."""
         shape = x.shape
         x = x.reshape(-1, self.in_features)  # [M, K]
+        out_dtype = self.compute_dtype if x.dtype == FP8 else x.dtype
+        if x.shape[0] <= self.gemv_max_rows:
+            from engine.quant.triton_fp8 import fp8_gemv
+
+            y = fp8_gemv(
+                x,
+                self.input_inv_scale,
+                self.input_scale,
+                self.weight,
+                self.weight_scale,
+                self.bias,
+                out_dtype,
+            )
+            return y.reshape(*shape[:-1], self.out_features)
         x_q, x_scale = self.activation(x)
         y = fp8_matmul(
             x_q,
@@ -162,7 +201,7 @@ class Fp8Linear(QuantLinear):
             self.weight,
             self.weight_scale,
             self.weight_scale_scalar,
-            x.dtype,
+            out_dtype,
             self.backend,
         )
         if self.bias is not None:

@@ -99,6 +99,11 @@ class QuantLinear(nn.Module):
     def _shards(self) -> range:
         return range(len(self.shard_sizes))
 
+    def fp8_input_inv_scale(self) -> torch.Tensor | None:
+        """[] float32 when the kernel that produces this layer's input may hand it over already
+        quantized to e4m3 with this scale (fused into RMSNorm or SiLU-and-mul); None otherwise."""
+        return None
+
     def finish_loading(self) -> None:
         """Called once every tensor is in: check and combine the per-shard scalars, derive what
         the forward needs, pick the compute path for the device."""
