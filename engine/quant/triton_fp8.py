@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 FP8_MAX = 448.0
+_FP8_MAX = tl.constexpr(FP8_MAX)  # what the kernels may read (a global must be a constexpr)
 GEMV_MAX_ROWS = 4  # M above this goes to cuBLASLt's tensor-core kernels
 
 
@@ -35,7 +36,7 @@ def _quantize_fp8_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.clamp(x * tl.load(inv_scale_ptr), -FP8_MAX, FP8_MAX)
+    y = tl.clamp(x * tl.load(inv_scale_ptr), -_FP8_MAX, _FP8_MAX)
     tl.store(out_ptr + row * stride_out + cols, y.to(tl.float8e4nv), mask=mask)
 
 
@@ -86,7 +87,7 @@ def _fp8_gemv_kernel(
         k_ok = k < K
         x = tl.load(x_row + k, mask=k_ok, other=0.0)  # [BLOCK_K]
         if not QUANTIZED:
-            x = tl.clamp(x.to(tl.float32) * inv, -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+            x = tl.clamp(x.to(tl.float32) * inv, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
         w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
     y = acc * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
