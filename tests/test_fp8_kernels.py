@@ -156,8 +156,10 @@ def test_fp8_engine_with_fused_quantization_and_gemv_matches_the_unfused_engine(
         pytest.skip("e4m3 needs compute capability 8.9")
     from engine import LLM, SamplingParams
 
-    prompts = [[1, 5, 9, 200, 31, 7, 99, 4000] * 3]
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    # Random weights make near-ties everywhere, so tokens are compared only where both engines
+    # are sure: the first token, and the log-probability each gives the other's top tokens.
+    prompts = [[1, 5, 9], [1, 5, 9, 200, 31, 7, 99, 4000] * 3]  # 3 rows: GEMV; 24: cuBLASLt
+    params = SamplingParams(max_tokens=1, logprobs=5)
     outs = {}
     for label, fused, gemv in (("plain", "0", "0"), ("fast", "1", "1")):
         monkeypatch.setenv("WORKBENCH_FUSED_KERNELS", fused)
@@ -170,13 +172,13 @@ def test_fp8_engine_with_fused_quantization_and_gemv_matches_the_unfused_engine(
             max_model_len=256,
             num_kv_blocks=64,
         )
-        outs[label] = llm.generate(prompts, params)[0].token_ids
+        outs[label] = [dict(o.logprobs[0].top) for o in llm.generate(prompts, params)]
         del llm
         torch.cuda.empty_cache()
-    # bf16 rounding of different summation orders may flip a near-tie late; the start agrees.
-    assert outs["fast"][:8] == outs["plain"][:8]
-    same = sum(a == b for a, b in zip(outs["fast"], outs["plain"], strict=True))
-    assert same >= 0.75 * len(outs["plain"])
+    for plain, fast in zip(outs["plain"], outs["fast"], strict=True):
+        shared = plain.keys() & fast.keys()
+        assert len(shared) >= 3
+        assert max(abs(plain[t] - fast[t]) for t in shared) < 0.05
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ spread them over the whole GPU. With one split the partials are merged by the sa
 numerics do not depend on how many splits ran (up to float32 rounding of the merge).
 
 Quantized pages are not dequantized element by element: e4m3 and int8 values are exact in the
-compute dtype, so fp8's per-layer scales multiply the scores (K) and the output (V), and int8's
-per-token scales the scores' and the softmax weights' columns.
+compute dtype (float16 stands in for bfloat16: the conversion is cheaper and as exact), so fp8's
+per-layer scales multiply the scores (K) and the output (V), and int8's per-token scales the
+scores' and the softmax weights' columns.
 
 Graph-safe: every size that changes between steps (context lengths, block tables) is read from
 device tensors, and `num_splits` depends only on the batch shape, so a CUDA graph captured once
@@ -103,6 +104,12 @@ def _paged_decode_split_kernel(
         other=0.0,
     )  # [GROUP_PAD, HEAD_DIM]
     dtype = q.dtype
+    if SCALES != 0 and dtype == tl.bfloat16:
+        # Quantized pages convert to float16 in one instruction per pair (to bfloat16 through
+        # float32), and e4m3/int8 values are exact in it: the dots run in float16, float32
+        # accumulation. The query is clamped to float16's range (it is never near it).
+        dtype = tl.float16
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(dtype)
     # fp8 (one scale per layer): the scales are folded into the score scale and the output
     # instead of multiplying every element; e4m3 values are exact in the compute dtype.
     score_scale = scale
