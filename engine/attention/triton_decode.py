@@ -10,9 +10,9 @@ spread them over the whole GPU. With one split the partials are merged by the sa
 numerics do not depend on how many splits ran (up to float32 rounding of the merge).
 
 Quantized pages are not dequantized element by element: e4m3 and int8 values are exact in the
-compute dtype (for fp8, float16 stands in for bfloat16: the conversion is cheaper, as exact), so fp8's
-per-layer scales multiply the scores (K) and the output (V), and int8's per-token scales the
-scores' and the softmax weights' columns.
+compute dtype (for fp8, float16 stands in for bfloat16: the conversion is cheaper, as exact),
+so fp8's per-layer scales multiply the scores (K) and the output (V), and int8's per-token
+scales the scores' and the softmax weights' columns.
 
 Graph-safe: every size that changes between steps (context lengths, block tables) is read from
 device tensors, and `num_splits` depends only on the batch shape, so a CUDA graph captured once
