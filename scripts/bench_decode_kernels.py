@@ -41,7 +41,10 @@ GEMV_SHAPES = {  # name: (K, N) of the Llama-3.1-8B projections (q/k/v and gate/
 
 def attention_rows(args, bandwidth: float) -> list[dict]:
     heads, kv_heads, head_dim, block = 32, 8, 128, args.block_size
-    tunings = [DecodeTuning(*map(int, t.split(":"))) for t in args.tunings.split(",")]
+    tunings = [
+        None if t == "auto" else DecodeTuning(*map(int, t.split(":")))
+        for t in args.tunings.split(",")
+    ]
     rows = []
     for batch, ctx in [tuple(map(int, c.split("x"))) for c in args.attention_cases.split(",")]:
         pages = -(-ctx // block)
@@ -86,7 +89,9 @@ def attention_rows(args, bandwidth: float) -> list[dict]:
                     pages=store,
                     batch=batch,
                     context=ctx,
-                    tuning=f"{tuning.tile_tokens}:{tuning.num_warps}:{tuning.num_stages}",
+                    tuning="auto"
+                    if tuning is None
+                    else f"{tuning.tile_tokens}:{tuning.num_warps}:{tuning.num_stages}",
                     us=round(us, 2),
                     bytes_per_s=moved / us * 1e6,
                     of_copy_bandwidth=round(moved / us * 1e6 / bandwidth, 3),
@@ -159,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         help="BATCHxCONTEXT,...",
     )
     parser.add_argument(
-        "--tunings", default="64:4:2", help="TILE_TOKENS:WARPS:STAGES,... of the decode kernel"
+        "--tunings",
+        default="auto",
+        help="TILE_TOKENS:WARPS:STAGES,... of the decode kernel, or auto (default_tuning)",
     )
     parser.add_argument(
         "--rows",
