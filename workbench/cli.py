@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from engine.config import KV_CACHE_DTYPES, EngineConfig, SamplingParams
+from engine.quant.checkpoint import RECIPE_ALGOS
 
 PROG = "workbench"
 API_KEY_ENV = "WORKBENCH_API_KEY"  # the server's key: `serve --api-key`, `bench --url`, `--attach`
@@ -72,6 +73,12 @@ def add_engine_args(
         help="KV pages: auto (the checkpoint's KV quantization, else --dtype), fp8 or int8",
     )
     g.add_argument(
+        "--quantization",
+        choices=RECIPE_ALGOS,
+        help="weights: a recipe the checkpoint must match, or with --load-format dummy the "
+        "recipe random weights are quantized with (ModelOpt's arithmetic)",
+    )
+    g.add_argument(
         "--no-prefix-caching",
         dest="enable_prefix_caching",
         action="store_false",
@@ -109,6 +116,7 @@ _ENGINE_FIELDS = (
     "max_model_len",
     "num_kv_blocks",
     "kv_cache_dtype",
+    "quantization",
     "enable_prefix_caching",
     "load_format",
     "async_scheduling",

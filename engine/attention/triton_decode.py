@@ -21,6 +21,7 @@ replays for any contents.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,12 +47,18 @@ class DecodeTuning:
         return max(1, self.tile_tokens // block_size)
 
 
+TUNING_ENV_VAR = "WORKBENCH_DECODE_TUNING"  # "TILE_TOKENS:WARPS:STAGES" for every launch (A/B runs)
+
+
 def default_tuning(num_splits: int, fp8_pages: bool) -> DecodeTuning:
     """Measured on the H200 (scripts/bench_decode_kernels.py, share of the copy bandwidth): a
     batch that fills the GPU without splits (512 x 1024 tokens) reads bf16 pages at 0.96 with 64
     tokens and 4 warps, fp8 pages best with 2 warps (0.65 against 0.56: more programs resident);
     one long sequence split 16 ways (1 x 8192) wants 128-token tiles (bf16 0.56 against 0.46,
     fp8 0.31 against 0.27 with 3 stages)."""
+    forced = os.environ.get(TUNING_ENV_VAR)
+    if forced:
+        return DecodeTuning(*map(int, forced.split(":")))
     if num_splits == 1:
         return DecodeTuning(64, 2 if fp8_pages else 4, 2)
     return DecodeTuning(128, 4, 3 if fp8_pages else 2)
