@@ -23,8 +23,9 @@ from torch import nn
 from engine import kernels
 from engine.attention.metadata import AttentionMetadata
 from engine.model.rope import RotaryEmbedding
+from engine.quant import make_linear
 from engine.quant.checkpoint import QuantConfig, QuantConfigError
-from engine.quant.linear import QuantLinear, make_linear
+from engine.quant.linear import QuantLinear
 
 
 class RMSNorm(nn.Module):
