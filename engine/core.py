@@ -42,7 +42,7 @@ from engine.sampler import DeviceSample, Sampler, SamplingRow, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.spec import SpeculativeConfig
 from engine.spec.speculator import Speculator
-from engine.state import EngineState, StepStats, build_state
+from engine.state import EngineState, SpecState, StepStats
 from engine.structured import GrammarBackend, RequestGrammar
 
 CPU_KV_CACHE_BYTES = 128 * 2**20
@@ -440,7 +440,7 @@ class EngineCore:
         self.total_generated_tokens += num_generated
         duration = time.perf_counter() - start
         if self.speculator is not None and batch.verifies:
-            self.speculator.stats.verify_time_s += duration
+            self.speculator.record_verify_time(duration)
         self.recent_steps.append(
             StepStats(
                 index=self.step_index,
@@ -547,4 +547,21 @@ class EngineCore:
         return out
 
     def state(self) -> EngineState:
-        return build_state(self)
+        """A snapshot: each owner (KV manager, scheduler, speculator) reports its own part."""
+        now = time.monotonic()
+        spec = self.speculator
+        return EngineState.assemble(
+            kv=self.kv.make_stats(self.scheduler.running),
+            scheduler=self.scheduler.make_stats(now),
+            spec=spec.make_stats() if spec is not None else SpecState(),
+            recent_steps=tuple(self.recent_steps),
+            now=now,
+            device=self.device,
+            step=self.step_index,
+            model=self.model_name,
+            dtype=str(self.dtype).removeprefix("torch."),
+            kv_cache_bytes=self.kv_cache.num_bytes,
+            kv_cache_dtype=str(self.kv_cache.layout.storage_dtype).removeprefix("torch."),
+            total_prompt_tokens=self.total_prompt_tokens,
+            total_generated_tokens=self.total_generated_tokens,
+        )

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
+from engine.state import RequestState, SchedulerStats
 
 
 class ScheduledRequest(NamedTuple):
@@ -182,3 +183,22 @@ class Scheduler:
     @property
     def preempted(self) -> list[Request]:
         return [r for r in self.waiting if r.status is RequestStatus.PREEMPTED]
+
+    def make_stats(self, now: float) -> SchedulerStats:
+        """The queues as `EngineState` reports them (`now`: time.monotonic())."""
+        return SchedulerStats(
+            running=tuple(
+                RequestState.of(r, self.kv.block_ids(r.request_id), now) for r in self.running
+            ),
+            waiting=tuple(
+                RequestState.of(r, [], now)
+                for r in self.waiting
+                if r.status is RequestStatus.WAITING
+            ),
+            preempted=tuple(
+                RequestState.of(r, [], now)
+                for r in self.waiting
+                if r.status is RequestStatus.PREEMPTED
+            ),
+            num_preemptions=self.num_preemptions,
+        )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from engine.kv.block_pool import BlockPool, KVBlock, hash_block_tokens
 from engine.request import Request
+from engine.state import BLOCK_CACHED, BLOCK_FREE, KVStats
 
 
 @dataclass(frozen=True)
@@ -131,3 +132,27 @@ class KVCacheManager:
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def make_stats(self, running: list[Request]) -> KVStats:
+        """The pool's occupancy as `EngineState` reports it; `running` in the scheduler's order
+        (the block map's owner indices point into it)."""
+        pool = self.pool
+        block_map = [BLOCK_FREE] * pool.num_blocks
+        for block in pool.free_queue.values():
+            if block.block_hash is not None:
+                block_map[block.block_id] = BLOCK_CACHED
+        for index, request in enumerate(running):
+            for block_id in self.block_ids(request.request_id):
+                # A shared prefix block shows its oldest owner.
+                if block_map[block_id] < 0:
+                    block_map[block_id] = index
+        cached_free = pool.num_cached_free_blocks
+        return KVStats(
+            block_size=self.block_size,
+            kv_blocks_total=pool.num_blocks,
+            kv_blocks_used=pool.num_used_blocks,
+            kv_blocks_cached_free=cached_free,
+            kv_blocks_free=pool.num_free_blocks - cached_free,
+            block_map=tuple(block_map),
+            prefix_cache_hit_rate=self.prefix_hit_rate,
+        )

@@ -14,6 +14,7 @@ from engine.sampler import Sampler, SamplingRow
 from engine.spec import SpecStats, SpeculativeConfig
 from engine.spec.ngram import propose_ngram
 from engine.spec.rejection import verify
+from engine.state import SpecState
 
 
 class Verified(NamedTuple):
@@ -115,6 +116,19 @@ class Speculator:
             request.spec_token_ids = []
             request.spec_probs = None
         self._proposed = []
+
+    def record_verify_time(self, seconds: float) -> None:
+        """Add one step's time that verified drafts (the engine times its steps)."""
+        self.stats.verify_time_s += seconds
+
+    def make_stats(self) -> SpecState:
+        stats = self.stats
+        return SpecState(
+            spec_acceptance_rate=stats.acceptance_rate,
+            spec_mean_accepted=stats.mean_accepted,
+            spec_draft_time_s=stats.draft_time_s,
+            spec_verify_time_s=stats.verify_time_s,
+        )
 
     def free(self, request: Request) -> None:
         if self.draft is not None:
