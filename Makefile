@@ -21,11 +21,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check engine workbench panels store tests scripts
+	$(BIN)/python scripts/check_imports.py
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check engine workbench panels store tests scripts
 	$(BIN)/ruff format --check engine workbench panels store tests scripts
+	$(BIN)/python scripts/check_imports.py  # layers and no import cycles (see its docstring)
 
 format: $(STAMP)
 	$(BIN)/ruff format engine workbench panels store tests scripts
