@@ -136,11 +136,11 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2) if args.json else text)
     path = args.json_out
     if path is None and args.url is None:
-        from engine.bench import default_report_path
+        from bench.offline import default_report_path
 
         path = default_report_path()
     if path is not None:
-        from engine.bench import write_report
+        from bench.offline import write_report
 
         try:
             written = write_report(report, path)
@@ -165,7 +165,7 @@ def _refuse(given: list[str], why: str) -> None:
 
 
 def _offline(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from engine.bench import BenchConfig, format_report, run_benchmark
+    from bench.offline import BenchConfig, format_report, run_benchmark
 
     if args.model is None:
         args.model = "tiny"
@@ -183,7 +183,7 @@ def _offline(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     config = options.engine_config_from_args(args)
     if config.speculative:
         # With speculation the same requests also run without it, for the speedup.
-        from engine.bench_spec import format_speculative_report, run_speculative_benchmark
+        from bench.speculative import format_speculative_report, run_speculative_benchmark
 
         report = run_speculative_benchmark(
             dataclasses.replace(config, speculative=None),
@@ -201,7 +201,7 @@ def _offline(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 def _online(args: argparse.Namespace) -> dict[str, Any] | None:
-    from engine.bench_online import (
+    from bench.online import (
         OnlineBenchConfig,
         OnlineBenchError,
         format_online_report,
