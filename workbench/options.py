@@ -98,7 +98,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             values["speculative"]["model"] = args.draft_model
     given = {k: v for k, v in values.items() if v is not None}
     if given.get("model") is not None:  # an engine directory's stored serving defaults
-        from engine.quant.engine_dir import with_serving_defaults
+        from engine.model.engine_dir import with_serving_defaults
 
         given = with_serving_defaults(given["model"], given)
     return EngineConfig(**given)

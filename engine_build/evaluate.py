@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.quant.texts import eval_windows
+from engine_build.texts import eval_windows
 
 Progress = Callable[[float, str], None]
 
