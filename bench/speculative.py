@@ -48,12 +48,11 @@ def run_speculative_benchmark(
         concurrency = min(config.concurrency or len(prompts), len(prompts))
         if warmup:
             run_requests(core, warmup, config.output_len, min(concurrency, len(warmup)))
-        if core.speculator is not None:  # count the measured requests only
-            core.speculator.stats = type(core.speculator.stats)()
+        core.speculator.reset_stats()  # count the measured requests only
         run = run_requests(core, prompts, config.output_len, concurrency)
         result = summarize(run.records, run.wall_s)
         result["num_steps"] = run.num_steps
-        if core.speculator is not None:
+        if core.speculator.enabled:
             stats = core.speculator.stats
             result["spec"] = {
                 **dataclasses.asdict(stats),
