@@ -21,7 +21,7 @@ from engine_build import texts
 from engine_build.build import STAGES, BuildSpec, run_build
 from engine_build.recipes import RECIPES, ppl_limit
 
-BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "models" / "tiny"
+BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "bundled" / "tiny"
 # What ModelOpt 0.47 writes as quant_algo for each recipe, and the dtype of a quantized weight.
 EXPECTED = {
     "none": (None, torch.float16),
