@@ -33,17 +33,15 @@ from typing import NamedTuple
 
 import torch
 
-from engine.attention.select import make_backend
 from engine.config import EngineConfig, SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
-from engine.kv.cache import KVCache, KVLayout
-from engine.kv.manager import KVCacheManager
+from engine.kv.cache import KVLayout
 from engine.model.builder import LoadedModel, load_model
+from engine.numeric import cdiv
 from engine.outputs import RequestOutput, TokenLogprob
-from engine.quant.kv_scales import kv_quant_for
 from engine.request import PLACEHOLDER, Request, RequestStatus
 from engine.request_stream import RequestStream
-from engine.runner import InputPatch, ModelRunner, SeqChunk
+from engine.runner import InputPatch, SeqChunk
 from engine.sampler import DeviceSample, Sampler, SamplingRow, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.spec import SpeculativeConfig
@@ -51,6 +49,7 @@ from engine.spec.speculator import NoSpeculation, Speculator
 from engine.state import EngineState, StepStats
 from engine.stop import Stop
 from engine.structured import GrammarBackend
+from engine.worker import build_worker
 
 CPU_KV_CACHE_BYTES = 128 * 2**20
 
@@ -90,22 +89,20 @@ class EngineCore:
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = loaded.hf_config.vocab_size
 
-        self.kv_quant = kv_quant_for(config, loaded)
-        layout = KVLayout.of(
-            self.model, config.block_size, self.dtype, self.kv_quant.kv_cache_dtype
+        model_max_len = config.max_model_len or loaded.max_model_len
+        worker = build_worker(
+            config,
+            loaded,
+            num_blocks=lambda layout: self._num_kv_blocks(layout, model_max_len),
+            enable_prefix_caching=config.enable_prefix_caching,
+            use_graphs=self.device.type == "cuda" and not config.enforce_eager,
         )
-        model_max_len = loaded.max_model_len
-        num_blocks = self._num_kv_blocks(layout, config.max_model_len or model_max_len)
-        use_graphs = self.device.type == "cuda" and not config.enforce_eager
-        # With CUDA graphs one extra page, owned by no request, takes the padding rows' K/V.
-        self.kv_cache = KVCache(
-            layout, num_blocks + int(use_graphs), self.device, self.kv_quant.fp8_scales
-        )
-        # One request at max_model_len must fit the whole pool, or it could never finish.
-        self.max_model_len = min(
-            config.max_model_len or model_max_len, num_blocks * layout.block_size
-        )
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        num_blocks = worker.num_blocks
+        self.kv_quant = worker.kv_quant
+        self.kv_cache = worker.kv_cache
+        self.max_model_len = worker.max_model_len
+        self.kv = worker.kv
+        self.runner = worker.runner
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_tokens,
@@ -113,26 +110,6 @@ class EngineCore:
             config.enable_chunked_prefill,
             self.max_model_len,
         )
-        backend = make_backend(
-            config.attention_backend,
-            self.device,
-            config.block_size,
-            self.model.head_dim,
-            layout.storage_dtype,
-        )
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, self.device)
-        if use_graphs:
-            from engine.cuda_graphs import DecodeGraphs
-
-            self.runner.graphs = DecodeGraphs(
-                self.model,
-                self.kv_cache,
-                backend,
-                self.device,
-                max_batch=config.max_num_seqs,
-                max_blocks_per_seq=-(-self.max_model_len // config.block_size),
-                scratch_block=num_blocks,
-            )
         self.sampler = Sampler(self.device, seed=config.seed)
         self.grammars = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.speculator: Speculator | NoSpeculation = NoSpeculation()
@@ -167,7 +144,7 @@ class EngineCore:
         else:
             budget = CPU_KV_CACHE_BYTES
         # No use holding more pages than max_num_seqs full-length requests could fill.
-        enough = cfg.max_num_seqs * -(-max_model_len // layout.block_size)
+        enough = cfg.max_num_seqs * cdiv(max_model_len, layout.block_size)
         num_blocks = min(layout.blocks_for_bytes(budget), enough)
         if num_blocks < 1:
             raise ValueError(

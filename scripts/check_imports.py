@@ -3,6 +3,8 @@ inside functions count too, since a lazy import is still a dependency).
 
     python scripts/check_imports.py        # prints each broken rule; exit status 1 if any
 
+Imports under `if TYPE_CHECKING:` are left out: they exist for annotations only.
+
 Rules:
 - the serving engine (`engine`) imports nothing of the CLI, the TUI, the store, the benchmarks
   or the build pipeline (workbench, panels, store, bench, engine_build): they sit on top of it;
@@ -41,11 +43,30 @@ def module_files(root: Path) -> dict[str, Path]:
     return mods
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node but those under `if TYPE_CHECKING:` (annotations only, never imported)."""
+    nodes, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        children = node.orelse if _is_type_checking(node) else ast.iter_child_nodes(node)
+        stack.extend(children)
+    return nodes
+
+
 def imports_of(name: str, path: Path, mods: dict[str, Path]) -> dict[str, int]:
     """Modules of ours that `name` imports -> the first line importing each."""
     found: dict[str, int] = {}
     is_package = path.name == "__init__.py"
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
