@@ -82,7 +82,7 @@ class RequestStream:
                 first_token_time=request.first_token_time,
                 last_token_time=request.last_token_time,
                 finish_time=request.finish_time,
-                num_cached_tokens=max(request.num_cached_tokens, 0),
+                num_cached_tokens=request.num_cached_tokens or 0,
                 num_preemptions=request.num_preemptions,
             ),
         )

@@ -129,7 +129,7 @@ class Scheduler:
             if not self.kv.allocate_slots(request, num_new, cached):
                 break
             self.waiting.pop(0)
-            if request.num_cached_tokens < 0:  # first admission: count it for the hit rate
+            if request.num_cached_tokens is None:  # first admission: count it for the hit rate
                 request.num_cached_tokens = cached.num_tokens
                 self.kv.record_prefix_query(request.num_tokens, cached.num_tokens)
             request.num_computed_tokens = cached.num_tokens

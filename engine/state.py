@@ -72,7 +72,7 @@ class RequestState:
             prompt_len=request.num_prompt_tokens,
             generated=request.num_output_tokens,
             num_computed=request.num_computed_tokens,
-            num_cached_tokens=max(request.num_cached_tokens, 0),
+            num_cached_tokens=request.num_cached_tokens or 0,
             blocks=tuple(blocks),
             tokens_per_s=rate,
             num_preemptions=request.num_preemptions,
