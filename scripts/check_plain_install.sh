@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 src=$PWD
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+# pip builds in the source tree: remove what it leaves there, unless it was there before.
+leftovers=()
+for made in build llm_workbench.egg-info; do [ -e "$made" ] || leftovers+=("$src/$made"); done
+trap 'rm -rf "$tmp" "${leftovers[@]}"' EXIT
 python3 -m venv "$tmp/venv"
 # torch first, pinned, as the Makefile does: a bare `torch` requirement pulls a CUDA build.
 "$tmp/venv/bin/python" -m pip install -q torch==2.13.0
