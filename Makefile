@@ -20,16 +20,18 @@ run: $(STAMP)
 	$(BIN)/workbench launch
 
 test: $(STAMP)
-	$(BIN)/ruff check engine workbench panels store tests scripts
+	$(BIN)/ruff check engine engine_build bench workbench panels store tests scripts
+	$(BIN)/python scripts/check_imports.py
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check engine workbench panels store tests scripts
-	$(BIN)/ruff format --check engine workbench panels store tests scripts
+	$(BIN)/ruff check engine engine_build bench workbench panels store tests scripts
+	$(BIN)/ruff format --check engine engine_build bench workbench panels store tests scripts
+	$(BIN)/python scripts/check_imports.py  # layers and no import cycles (see its docstring)
 
 format: $(STAMP)
-	$(BIN)/ruff format engine workbench panels store tests scripts
-	$(BIN)/ruff check --fix engine workbench panels store tests scripts
+	$(BIN)/ruff format engine engine_build bench workbench panels store tests scripts
+	$(BIN)/ruff check --fix engine engine_build bench workbench panels store tests scripts
 
 bench: $(STAMP)
 	$(BIN)/workbench bench --model tiny --num-requests 32 --compare hf

@@ -1,9 +1,14 @@
 """The engine core: requests in, one step at a time, outputs out. Not thread-safe: `AsyncLLM`
 drives it from one background thread, `LLM` from the caller's.
 
-    step(): [propose drafts]; batch = scheduler.schedule(); logits = runner.run(chunks)
-            tokens = sample or verify(logits); append tokens; scheduler.update(batch)
-            detokenize, check stops, free the finished
+    step(): batch = schedule()         (drafts proposed first, when speculating)
+            tokens = run(batch)          (forward, then sample, or verify the drafts)
+            update(batch, tokens)        (append, scheduler.update, stop rules, outputs)
+
+Each request's output side (detokenizer, what was reported, grammar) is one `RequestStream`,
+created in `add_request` and forgotten when its finished output is made; the stop rules are the
+pure `engine.stop.check_stop`; speculation sits behind one interface (`Speculator`, or
+`NoSpeculation` when off).
 
 With `async_scheduling` (overlap) a step queues its work on the device and returns before its
 tokens are known: each sampled request gets a placeholder token (counted by the scheduler, its
@@ -28,22 +33,23 @@ from typing import NamedTuple
 
 import torch
 
-from engine.attention.select import make_backend
 from engine.config import EngineConfig, SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
-from engine.kv.cache import KVCache, KVLayout
-from engine.kv.manager import KVCacheManager
+from engine.kv.cache import KVLayout
 from engine.model.builder import LoadedModel, load_model
-from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
-from engine.quant.kv_scales import kv_quant_for
+from engine.numeric import cdiv
+from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import PLACEHOLDER, Request, RequestStatus
-from engine.runner import InputPatch, ModelRunner, SeqChunk
+from engine.request_stream import RequestStream
+from engine.runner import InputPatch, SeqChunk
 from engine.sampler import DeviceSample, Sampler, SamplingRow, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.spec import SpeculativeConfig
-from engine.spec.speculator import Speculator
-from engine.state import EngineState, StepStats, build_state
-from engine.structured import GrammarBackend, RequestGrammar
+from engine.spec.speculator import NoSpeculation, Speculator
+from engine.state import EngineState, StepStats
+from engine.stop import Stop
+from engine.structured import GrammarBackend
+from engine.worker import build_worker
 
 CPU_KV_CACHE_BYTES = 128 * 2**20
 
@@ -83,22 +89,20 @@ class EngineCore:
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = loaded.hf_config.vocab_size
 
-        self.kv_quant = kv_quant_for(config, loaded)
-        layout = KVLayout.of(
-            self.model, config.block_size, self.dtype, self.kv_quant.kv_cache_dtype
+        model_max_len = config.max_model_len or loaded.max_model_len
+        worker = build_worker(
+            config,
+            loaded,
+            num_blocks=lambda layout: self._num_kv_blocks(layout, model_max_len),
+            enable_prefix_caching=config.enable_prefix_caching,
+            use_graphs=self.device.type == "cuda" and not config.enforce_eager,
         )
-        model_max_len = loaded.max_model_len
-        num_blocks = self._num_kv_blocks(layout, config.max_model_len or model_max_len)
-        use_graphs = self.device.type == "cuda" and not config.enforce_eager
-        # With CUDA graphs one extra page, owned by no request, takes the padding rows' K/V.
-        self.kv_cache = KVCache(
-            layout, num_blocks + int(use_graphs), self.device, self.kv_quant.fp8_scales
-        )
-        # One request at max_model_len must fit the whole pool, or it could never finish.
-        self.max_model_len = min(
-            config.max_model_len or model_max_len, num_blocks * layout.block_size
-        )
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        num_blocks = worker.num_blocks
+        self.kv_quant = worker.kv_quant
+        self.kv_cache = worker.kv_cache
+        self.max_model_len = worker.max_model_len
+        self.kv = worker.kv
+        self.runner = worker.runner
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_tokens,
@@ -106,30 +110,9 @@ class EngineCore:
             config.enable_chunked_prefill,
             self.max_model_len,
         )
-        backend = make_backend(
-            config.attention_backend,
-            self.device,
-            config.block_size,
-            self.model.head_dim,
-            layout.storage_dtype,
-        )
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, self.device)
-        if use_graphs:
-            from engine.cuda_graphs import DecodeGraphs
-
-            self.runner.graphs = DecodeGraphs(
-                self.model,
-                self.kv_cache,
-                backend,
-                self.device,
-                max_batch=config.max_num_seqs,
-                max_blocks_per_seq=-(-self.max_model_len // config.block_size),
-                scratch_block=num_blocks,
-            )
         self.sampler = Sampler(self.device, seed=config.seed)
         self.grammars = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        self._grammars: dict[str, RequestGrammar] = {}  # matchers of constrained requests
-        self.speculator: Speculator | None = None
+        self.speculator: Speculator | NoSpeculation = NoSpeculation()
         if config.speculative:
             self.speculator = Speculator(
                 SpeculativeConfig.from_dict(config.speculative),
@@ -139,13 +122,9 @@ class EngineCore:
                 self.sampler,
             )
 
-        self.requests: dict[str, Request] = {}
+        self._streams: dict[str, RequestStream] = {}  # every request not yet reported finished
         self._in_flight: InFlightStep | None = None  # overlap scheduling's queued step
         self._last_landed = 0.0  # perf_counter when the last in-flight step was landed
-        self._one_at_a_time: set[str] = set()  # unfinished requests that need each token
-        self._detok: dict[str, IncrementalDetokenizer | None] = {}
-        self._sent: dict[str, tuple[int, int]] = {}  # tokens and logprobs already reported
-        self._pending_text: dict[str, str] = {}  # detokenized text not yet reported
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._finished_unreported: list[Request] = []
@@ -165,7 +144,7 @@ class EngineCore:
         else:
             budget = CPU_KV_CACHE_BYTES
         # No use holding more pages than max_num_seqs full-length requests could fill.
-        enough = cfg.max_num_seqs * -(-max_model_len // layout.block_size)
+        enough = cfg.max_num_seqs * cdiv(max_model_len, layout.block_size)
         num_blocks = min(layout.blocks_for_bytes(budget), enough)
         if num_blocks < 1:
             raise ValueError(
@@ -226,7 +205,7 @@ class EngineCore:
                 f"{self.max_model_len}"
             )
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self.requests:
+        if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         grammar = self.grammars.matcher(params.structured) if params.structured else None
         generator = make_generator(params.seed, self.device) if params.seed is not None else None
@@ -240,25 +219,35 @@ class EngineCore:
             generator=generator,
             eos_token_ids=self.eos_token_ids,
         )
-        self.requests[request_id] = request
-        if grammar is not None:
-            self._grammars[request_id] = grammar
-        if needs_each_token(params, grammar is not None):
-            self._one_at_a_time.add(request_id)
-        self._detok[request_id] = (
+        detokenizer = (
             IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer else None
         )
-        self._sent[request_id] = (0, 0)
-        self._pending_text[request_id] = ""
+        self._streams[request_id] = RequestStream(
+            request=request,
+            detokenizer=detokenizer,
+            grammar=grammar,
+            needs_each_token=needs_each_token(params, grammar is not None),
+        )
         self.scheduler.add(request)
         return request
 
+    @property
+    def requests(self) -> dict[str, Request]:
+        """The requests not yet reported finished, by id (a new dict: changing it changes
+        nothing)."""
+        return {rid: stream.request for rid, stream in self._streams.items()}
+
+    @property
+    def step_in_flight(self) -> bool:
+        """Is a step queued on the device whose tokens are not read yet (overlap scheduling)?"""
+        return self._in_flight is not None
+
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its pages; False when it is unknown or already done."""
-        request = self.requests.get(request_id)
-        if request is None or request.is_finished:
+        stream = self._streams.get(request_id)
+        if stream is None or stream.request.is_finished:
             return False
-        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        self._finish(stream, Stop(RequestStatus.FINISHED_ABORTED))
         return True
 
     def has_unfinished(self) -> bool:
@@ -274,41 +263,60 @@ class EngineCore:
         outputs = [self._output(r) for r in self._finished_unreported]
         self._finished_unreported = []
         if self._overlaps():
-            outputs.extend(self._overlapped_step())
-            return outputs
+            return outputs + self._overlapped_step()
         outputs.extend(self._land_in_flight())  # back to one step at a time
-        if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running, self.max_model_len)
-        batch = self.scheduler.schedule()
-        if self.speculator is not None:
-            for request in batch.preempted:
-                self.speculator.free(request)
+        batch = self._schedule()
         if batch.is_empty:
-            if self.speculator is not None:
-                self.speculator.after_step({})
+            self.speculator.after_step({})
             return outputs
         start, chunks = self._start_step(batch)
         logits = self.runner.run(chunks, len(batch.decodes))  # [sum num_logits, vocab]
         new_tokens, rejected = self._sample(batch, chunks, logits)
+        return outputs + self._update(batch, new_tokens, rejected, start)
+
+    def _schedule(self) -> SchedulerOutput:
+        """Propose drafts for the running requests, then schedule (a preempted request's
+        drafts are dropped with its pages)."""
+        self.speculator.propose(self.scheduler.running, self.max_model_len)
+        batch = self.scheduler.schedule()
+        for request in batch.preempted:
+            self.speculator.free(request)
+        return batch
+
+    def _update(
+        self,
+        batch: SchedulerOutput,
+        new_tokens: dict[Request, tuple[list[int], list]],
+        rejected: dict[str, int],
+        start: float,
+    ) -> list[RequestOutput]:
+        """Append the step's tokens, advance the scheduler and the drafts, apply the stop rules
+        -> the outputs of the requests the step touched."""
         now = time.monotonic()
         for request, (tokens, _) in new_tokens.items():
             request.append_tokens(tokens, now)
         self.scheduler.update(batch, rejected)
-        if self.speculator is not None:
-            accepted = {r.request_id: len(t) - 1 for r, (t, _) in new_tokens.items()}
-            self.speculator.after_step({rid: accepted[rid] for rid in rejected})
+        accepted = {r.request_id: len(t) - 1 for r, (t, _) in new_tokens.items()}
+        self.speculator.after_step({rid: accepted[rid] for rid in rejected})
         for request, (tokens, logprobs) in new_tokens.items():
             self._accept(request, tokens, logprobs)
         self._record_step(batch, sum(len(t) for t, _ in new_tokens.values()), start, now)
+        return self._touched_outputs(batch)
+
+    def _touched_outputs(self, batch: SchedulerOutput) -> list[RequestOutput]:
+        """One output per request the batch scheduled (once each), unless already forgotten."""
         touched = {r.request_id: r for r, _ in batch.scheduled}
-        outputs.extend(self._output(r) for r in touched.values() if r.request_id in self.requests)
-        return outputs
+        return [self._output(r) for rid, r in touched.items() if rid in self._streams]
 
     def _overlaps(self) -> bool:
         overlap = self.config.async_scheduling
         if overlap is None:
             overlap = self.device.type == "cuda"
-        return overlap and self.speculator is None and not self._one_at_a_time
+        return (
+            overlap
+            and not self.speculator.enabled
+            and not any(stream.needs_each_token for stream in self._streams.values())
+        )
 
     def _overlapped_step(self) -> list[RequestOutput]:
         """Queue this step on the device, then land the previous one (see the module doc)."""
@@ -368,8 +376,7 @@ class EngineCore:
             in_flight.batch, num_generated, max(in_flight.start, self._last_landed), now
         )
         self._last_landed = time.perf_counter()
-        touched = {r.request_id: r for r, _ in in_flight.batch.scheduled}
-        return [self._output(r) for r in touched.values() if r.request_id in self.requests]
+        return self._touched_outputs(in_flight.batch)
 
     def _start_step(self, batch: SchedulerOutput) -> tuple[float, list[SeqChunk]]:
         """-> (perf_counter at the start, the scheduled requests' chunks); stamps first
@@ -379,9 +386,11 @@ class EngineCore:
         for request, _ in batch.scheduled:
             if request.scheduled_time is None:
                 request.scheduled_time = now
-        return start, [self._chunk(request, num_new) for request, num_new in batch.scheduled]
+        return start, [self.seq_chunk(request, num_new) for request, num_new in batch.scheduled]
 
-    def _chunk(self, request: Request, num_new: int) -> SeqChunk:
+    def seq_chunk(self, request: Request, num_new: int) -> SeqChunk:
+        """What the runner computes for `request` this step: its next `num_new` tokens (drafts
+        included), where they go in its pages, and how many logit rows it needs."""
         start = request.num_computed_tokens
         end = start + num_new
         num_spec = len(request.spec_token_ids)
@@ -415,8 +424,8 @@ class EngineCore:
             index = torch.tensor(plain_rows, device=logits.device)
             rows = [self._sampling_row(r) for r in plain_requests]
             plain = logits.index_select(0, index)  # [len(plain_rows), vocab]
-            if self._grammars:  # one packed bitmask over the batch; free rows untouched
-                grammars = [self._grammars.get(r.request_id) for r in plain_requests]
+            grammars = [self._streams[r.request_id].grammar for r in plain_requests]
+            if any(g is not None for g in grammars):  # one packed bitmask; free rows untouched
                 self.grammars.apply(plain, grammars)
             for request, token in zip(plain_requests, self.sampler(plain, rows), strict=True):
                 new_tokens[request] = ([token.token_id], [(token.logprob, token.top_logprobs)])
@@ -425,12 +434,14 @@ class EngineCore:
     def _accept(self, request: Request, tokens: list[int], logprobs: list) -> None:
         """Record logprobs and apply the stop rules token by token; tokens after a stop are
         dropped (speculation can emit several at once)."""
+        stream = self._streams[request.request_id]
         base = request.num_resolved_output_tokens - len(tokens)
         for i, (token_id, (logprob, top)) in enumerate(zip(tokens, logprobs, strict=True)):
             if logprob is not None:
                 request.output_logprobs.append(TokenLogprob(token_id, logprob, top))
-            self._check_stop(request, token_id, base + i + 1)
-            if request.is_finished:
+            stop = stream.accept(token_id, base + i + 1, self.max_model_len)
+            if stop is not None:
+                self._finish(stream, stop)
                 extra = len(tokens) - i - 1
                 if extra:
                     del request.output_token_ids[-extra:]
@@ -442,8 +453,8 @@ class EngineCore:
         self.total_prompt_tokens += batch.num_prefill_tokens
         self.total_generated_tokens += num_generated
         duration = time.perf_counter() - start
-        if self.speculator is not None and batch.verifies:
-            self.speculator.stats.verify_time_s += duration
+        if batch.verifies:
+            self.speculator.record_verify_time(duration)
         self.recent_steps.append(
             StepStats(
                 index=self.step_index,
@@ -466,88 +477,42 @@ class EngineCore:
             eos_token_ids=request.eos_token_ids,
         )
 
-    def _check_stop(self, request: Request, token_id: int, n: int) -> None:
-        """Stop rules after the request's n-th output token, `token_id`."""
-        params = request.params
-        detok = self._detok[request.request_id]
-        grammar = self._grammars.get(request.request_id)
-        if grammar is not None and grammar.accept(token_id):
-            # The grammar took a stop token (it is complete) or is stuck: nothing may follow.
-            error = grammar.error
-            status = RequestStatus.FINISHED_ERROR if error else RequestStatus.FINISHED_STOPPED
-            self._finish(request, status, error)
-            return
-        if n >= params.min_tokens and token_id in params.stop_token_ids:
-            request.stop_reason = token_id
-            self._finish(request, RequestStatus.FINISHED_STOPPED)
-            return
-        if n >= params.min_tokens and not params.ignore_eos and token_id in request.eos_token_ids:
-            self._finish(request, RequestStatus.FINISHED_STOPPED)
-            return
-        if detok is not None:
-            update = detok.push([token_id])
-            self._pending_text[request.request_id] += update.delta
-            if update.stop_string is not None:
-                request.stop_reason = update.stop_string
-                self._finish(request, RequestStatus.FINISHED_STOPPED)
-                return
-        if n >= params.max_tokens or request.num_prompt_tokens + n >= self.max_model_len:
-            self._finish(request, RequestStatus.FINISHED_LENGTH)
-
-    def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
-        self.scheduler.finish(request, status)
+    def _finish(self, stream: RequestStream, stop: Stop) -> None:
+        request = stream.request
+        self.scheduler.finish(request, stop.status)
         request.drop_placeholders()  # tokens of a step in flight, past the end
-        self._grammars.pop(request.request_id, None)
-        self._one_at_a_time.discard(request.request_id)
-        if self.speculator is not None:
-            self.speculator.free(request)
+        stream.finished()
+        self.speculator.free(request)
         request.finish_time = time.monotonic()
-        request.error = error
-        if status is RequestStatus.FINISHED_ABORTED:
+        if stop.reason is not None:
+            request.stop_reason = stop.reason
+        request.error = stop.error
+        if stop.status is RequestStatus.FINISHED_ABORTED:
             self._finished_unreported.append(request)
 
     def _output(self, request: Request) -> RequestOutput:
-        """The request's new tokens and text since the last output; forgets finished requests."""
-        rid = request.request_id
-        sent_tokens, sent_logprobs = self._sent[rid]
-        detok = self._detok[rid]
-        delta_text = self._pending_text[rid]
-        self._pending_text[rid] = ""
-        finished = request.is_finished
-        if finished and detok is not None:
-            delta_text += detok.flush()
-            if detok.stop_string is not None and request.stop_reason is None:
-                # The held-back tail completed a stop string only at the end.
-                request.status = RequestStatus.FINISHED_STOPPED
-                request.stop_reason = detok.stop_string
-        token_ids = request.resolved_output_ids()
-        self._sent[rid] = (len(token_ids), len(request.output_logprobs))
-        out = RequestOutput(
-            request_id=rid,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=token_ids,
-            text=detok.output_text if detok is not None else "",
-            delta_token_ids=token_ids[sent_tokens:],
-            delta_text=delta_text,
-            logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
-            finished=finished,
-            finish_reason=request.status.value if finished else None,
-            stop_reason=request.stop_reason,
-            error=request.error,
-            metrics=RequestMetrics(
-                arrival_time=request.arrival_time,
-                first_scheduled_time=request.scheduled_time,
-                first_token_time=request.first_token_time,
-                last_token_time=request.last_token_time,
-                finish_time=request.finish_time,
-                num_cached_tokens=max(request.num_cached_tokens, 0),
-                num_preemptions=request.num_preemptions,
-            ),
-        )
-        if finished:
-            del self.requests[rid], self._detok[rid], self._sent[rid], self._pending_text[rid]
+        """The request's new tokens and text since the last output; the one place a finished
+        request is forgotten."""
+        out = self._streams[request.request_id].output()
+        if out.finished:
+            del self._streams[request.request_id]
         return out
 
     def state(self) -> EngineState:
-        return build_state(self)
+        """A snapshot: each owner (KV manager, scheduler, speculator) reports its own part."""
+        now = time.monotonic()
+        return EngineState.assemble(
+            kv=self.kv.make_stats(self.scheduler.running),
+            scheduler=self.scheduler.make_stats(now),
+            spec=self.speculator.make_stats(),
+            recent_steps=tuple(self.recent_steps),
+            now=now,
+            device=self.device,
+            step=self.step_index,
+            model=self.model_name,
+            dtype=str(self.dtype).removeprefix("torch."),
+            kv_cache_bytes=self.kv_cache.num_bytes,
+            kv_cache_dtype=str(self.kv_cache.layout.storage_dtype).removeprefix("torch."),
+            total_prompt_tokens=self.total_prompt_tokens,
+            total_generated_tokens=self.total_generated_tokens,
+        )

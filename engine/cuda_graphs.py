@@ -13,7 +13,7 @@ import torch
 from engine.attention.metadata import AttentionBackend, AttentionMetadata
 from engine.kv.cache import KVCache
 from engine.model.llama import LlamaForCausalLM
-from engine.runner import InputPatch, SeqChunk
+from engine.runner import InputPatch, SeqChunk, token_slots
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -143,7 +143,7 @@ class DecodeGraphs:
             fields[:, i] = (
                 c.token_ids[0],
                 c.start,
-                table[c.start // bsz] * bsz + c.start % bsz,
+                token_slots(table, c.start, c.start + 1, bsz)[0],
                 c.start + 1,
             )
             tables[i, : len(table)] = table

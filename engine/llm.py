@@ -15,8 +15,8 @@ from typing import Any
 
 from engine.config import EngineConfig, SamplingParams
 from engine.core import EngineCore
+from engine.model.engine_dir import with_serving_defaults
 from engine.outputs import RequestMetrics, RequestOutput
-from engine.quant.engine_dir import with_serving_defaults
 from engine.state import EngineState
 
 Prompt = str | list[int]

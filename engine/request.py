@@ -24,7 +24,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort", "error")
+        return self in _FINISHED
+
+
+_FINISHED = frozenset(s for s in RequestStatus if s.name.startswith("FINISHED_"))
 
 
 @dataclass(eq=False)
@@ -45,7 +48,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     spec_token_ids: list[int] = field(default_factory=list)  # drafts to verify this step
     spec_probs: torch.Tensor | None = None  # [len(spec_token_ids), vocab] draft distributions
-    num_cached_tokens: int = -1  # prefix-cache hit at first admission (-1: not yet admitted)
+    num_cached_tokens: int | None = None  # prefix-cache hit at first admission (None: not yet)
     num_preemptions: int = 0
     # Output tokens sampled on the device but not yet read back (overlap scheduling): always the
     # last ones of output_token_ids/all_token_ids, holding PLACEHOLDER until resolved.

@@ -6,7 +6,7 @@ speculative decoding both hand it `SeqChunk`s, decodes (one token) first.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -15,12 +15,21 @@ from engine.host_transfer import to_device
 from engine.kv.cache import KVCache
 from engine.model.llama import LlamaForCausalLM
 
+if TYPE_CHECKING:
+    from engine.cuda_graphs import DecodeGraphs
+
 
 class SeqChunk(NamedTuple):
     token_ids: list[int]  # the tokens computed this step
     start: int  # position of token_ids[0]; the tokens before it are in the cache
     block_table: list[int]  # covers start + len(token_ids) tokens
     num_logits: int  # how many of the last positions need logits (0: a mid-prompt chunk)
+
+
+def token_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The KV-cache slots (page * block_size + offset) of positions [start, end) of a sequence
+    whose pages are `block_table`: where the step writes those tokens' K/V."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 class InputPatch(NamedTuple):
@@ -52,13 +61,15 @@ class ModelRunner:
         kv_cache: KVCache,
         backend: AttentionBackend,
         device: torch.device,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
+        """`graphs`: CUDA graphs of decode-only steps, replayed when a step fits them."""
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
         self.device = device
         self.block_size = kv_cache.layout.block_size
-        self.graphs = None  # DecodeGraphs, set by the engine on CUDA
+        self.graphs = graphs
 
     def prepare(self, chunks: list[SeqChunk], num_decodes: int) -> StepBatch:
         """The first `num_decodes` chunks must be single-token decodes."""
@@ -74,7 +85,7 @@ class ModelRunner:
             table = chunk.block_table
             input_ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(chunk.start, end))
+            slots.extend(token_slots(table, chunk.start, end, bs))
             starts.append(starts[-1] + len(chunk.token_ids))
             seq_lens.append(end)
             logits_indices.extend(range(starts[-1] - chunk.num_logits, starts[-1]))

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
+from engine.state import RequestState, SchedulerStats
 
 
 class ScheduledRequest(NamedTuple):
@@ -128,7 +129,7 @@ class Scheduler:
             if not self.kv.allocate_slots(request, num_new, cached):
                 break
             self.waiting.pop(0)
-            if request.num_cached_tokens < 0:  # first admission: count it for the hit rate
+            if request.num_cached_tokens is None:  # first admission: count it for the hit rate
                 request.num_cached_tokens = cached.num_tokens
                 self.kv.record_prefix_query(request.num_tokens, cached.num_tokens)
             request.num_computed_tokens = cached.num_tokens
@@ -182,3 +183,22 @@ class Scheduler:
     @property
     def preempted(self) -> list[Request]:
         return [r for r in self.waiting if r.status is RequestStatus.PREEMPTED]
+
+    def make_stats(self, now: float) -> SchedulerStats:
+        """The queues as `EngineState` reports them (`now`: time.monotonic())."""
+        return SchedulerStats(
+            running=tuple(
+                RequestState.of(r, self.kv.block_ids(r.request_id), now) for r in self.running
+            ),
+            waiting=tuple(
+                RequestState.of(r, [], now)
+                for r in self.waiting
+                if r.status is RequestStatus.WAITING
+            ),
+            preempted=tuple(
+                RequestState.of(r, [], now)
+                for r in self.waiting
+                if r.status is RequestStatus.PREEMPTED
+            ),
+            num_preemptions=self.num_preemptions,
+        )

@@ -1,5 +1,10 @@
 """`EngineState`: one immutable snapshot of what the engine is doing. The monitor panel,
-`/v1/engine/state` and `/metrics` read only this, never the engine's live objects."""
+`/v1/engine/state` and `/metrics` read only this, never the engine's live objects.
+
+Each owner reports its own part, as vLLM's `make_stats()` do: the KV manager a `KVStats`
+(`KVCacheManager.make_stats`), the scheduler a `SchedulerStats`, the speculator a `SpecState`;
+`EngineCore.state()` puts them together with `EngineState.assemble`. Nothing here reads another
+object's internals."""
 
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch only where the engine builds a state: a client reading one needs none
     import torch
 
-    from engine.core import EngineCore
     from engine.request import Request
 
 THROUGHPUT_WINDOW_S = 5.0
@@ -55,10 +59,63 @@ class RequestState:
         return len(self.blocks)
 
     @classmethod
+    def of(cls, request: Request, blocks: list[int], now: float) -> RequestState:
+        """The request as the monitor shows it; `blocks`: its block table (empty: it holds none)."""
+        rate = 0.0
+        if request.first_token_time is not None and request.num_output_tokens > 1:
+            elapsed = max(now - request.first_token_time, 1e-9)
+            rate = (request.num_output_tokens - 1) / elapsed
+        return cls(
+            request_id=request.request_id,
+            state=request.status.value,
+            priority=request.priority,
+            prompt_len=request.num_prompt_tokens,
+            generated=request.num_output_tokens,
+            num_computed=request.num_computed_tokens,
+            num_cached_tokens=request.num_cached_tokens or 0,
+            blocks=tuple(blocks),
+            tokens_per_s=rate,
+            num_preemptions=request.num_preemptions,
+        )
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RequestState:
         values = _known(cls, data)
         values["blocks"] = tuple(values.get("blocks", ()))
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class KVStats:
+    """The KV manager's part of `EngineState` (the fields of the same names)."""
+
+    block_size: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached_free: int
+    kv_blocks_free: int  # empty, not holding any cached prefix
+    block_map: tuple[int, ...]  # per block: index into `running`, BLOCK_FREE or BLOCK_CACHED
+    prefix_cache_hit_rate: float
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """The scheduler's part of `EngineState`."""
+
+    running: tuple[RequestState, ...]
+    waiting: tuple[RequestState, ...]
+    preempted: tuple[RequestState, ...]
+    num_preemptions: int
+
+
+@dataclass(frozen=True)
+class SpecState:
+    """The speculator's part of `EngineState` (all None without speculation)."""
+
+    spec_acceptance_rate: float | None = None
+    spec_mean_accepted: float | None = None
+    spec_draft_time_s: float | None = None  # total time proposing drafts
+    spec_verify_time_s: float | None = None  # total time of steps that verified drafts
 
 
 @dataclass(frozen=True)
@@ -94,6 +151,39 @@ class EngineState:
     spec_verify_time_s: float | None = None  # total time of steps that verified drafts
     kv_cache_dtype: str | None = None  # how KV pages are stored: float8_e4m3fn, int8 or as dtype
 
+    @classmethod
+    def assemble(
+        cls,
+        *,
+        kv: KVStats,
+        scheduler: SchedulerStats,
+        spec: SpecState,
+        recent_steps: tuple[StepStats, ...],
+        now: float,
+        device: torch.device,
+        **engine: Any,
+    ) -> EngineState:
+        """The owners' parts, the recent steps' throughput (over the last THROUGHPUT_WINDOW_S
+        seconds, `now` a time.monotonic()), the device's memory and the engine's own fields
+        (`engine`: step, model, dtype, ...) as one state."""
+        window = [s for s in recent_steps if now - s.end_time <= THROUGHPUT_WINDOW_S]
+        span = (now - window[0].end_time + window[0].duration_s) if window else 0.0
+        used, total = _device_memory(device)
+        return cls(
+            **_shallow(kv),
+            **_shallow(scheduler),
+            **_shallow(spec),
+            **engine,
+            timestamp=time.time(),
+            device=str(device),
+            last_step=recent_steps[-1] if recent_steps else None,
+            recent_steps=recent_steps[-64:],
+            prompt_throughput=sum(s.prefill_tokens for s in window) / span if span > 0 else 0.0,
+            generation_throughput=sum(s.num_sampled for s in window) / span if span > 0 else 0.0,
+            device_memory_used=used,
+            device_memory_total=total,
+        )
+
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
@@ -123,28 +213,14 @@ class EngineState:
             raise ValueError(f"not an engine state: {err}") from None
 
 
+def _shallow(part: Any) -> dict[str, Any]:
+    """A dataclass's fields by name, values as they are (asdict would copy nested records)."""
+    return {f.name: getattr(part, f.name) for f in fields(part)}
+
+
 def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     """The items of `data` that are fields of the dataclass `cls`."""
     return {f.name: data[f.name] for f in fields(cls) if f.name in data}
-
-
-def _request_state(request: Request, blocks: list[int], now: float) -> RequestState:
-    rate = 0.0
-    if request.first_token_time is not None and request.num_output_tokens > 1:
-        elapsed = max(now - request.first_token_time, 1e-9)
-        rate = (request.num_output_tokens - 1) / elapsed
-    return RequestState(
-        request_id=request.request_id,
-        state=request.status.value,
-        priority=request.priority,
-        prompt_len=request.num_prompt_tokens,
-        generated=request.num_output_tokens,
-        num_computed=request.num_computed_tokens,
-        num_cached_tokens=max(request.num_cached_tokens, 0),
-        blocks=tuple(blocks),
-        tokens_per_s=rate,
-        num_preemptions=request.num_preemptions,
-    )
 
 
 def _device_memory(device: torch.device) -> tuple[int, int]:
@@ -156,62 +232,3 @@ def _device_memory(device: torch.device) -> tuple[int, int]:
     import psutil
 
     return psutil.Process().memory_info().rss, psutil.virtual_memory().total
-
-
-def build_state(core: EngineCore) -> EngineState:
-    now = time.monotonic()
-    kv = core.kv
-    pool = kv.pool
-    running = core.scheduler.running
-    block_map = [BLOCK_FREE] * pool.num_blocks
-    for block in pool.free_queue.values():
-        if block.block_hash is not None:
-            block_map[block.block_id] = BLOCK_CACHED
-    for index, request in enumerate(running):
-        for block_id in kv.block_ids(request.request_id):
-            # A shared prefix block shows its oldest owner.
-            if block_map[block_id] < 0:
-                block_map[block_id] = index
-    cached_free = sum(1 for v in block_map if v == BLOCK_CACHED)
-    recent = tuple(core.recent_steps)
-    window = [s for s in recent if now - s.end_time <= THROUGHPUT_WINDOW_S]
-    span = (now - window[0].end_time + window[0].duration_s) if window else 0.0
-    prompt_tp = sum(s.prefill_tokens for s in window) / span if span > 0 else 0.0
-    gen_tp = sum(s.num_sampled for s in window) / span if span > 0 else 0.0
-    waiting = core.scheduler.waiting
-    used, total = _device_memory(core.device)
-    spec = core.speculator.stats if core.speculator is not None else None
-    return EngineState(
-        step=core.step_index,
-        timestamp=time.time(),
-        model=core.model_name,
-        device=str(core.device),
-        dtype=str(core.dtype).removeprefix("torch."),
-        block_size=kv.block_size,
-        kv_blocks_total=pool.num_blocks,
-        kv_blocks_used=pool.num_used_blocks,
-        kv_blocks_cached_free=cached_free,
-        kv_blocks_free=pool.num_free_blocks - cached_free,
-        kv_cache_bytes=core.kv_cache.num_bytes,
-        kv_cache_dtype=str(core.kv_cache.layout.storage_dtype).removeprefix("torch."),
-        block_map=tuple(block_map),
-        prefix_cache_hit_rate=kv.prefix_hit_rate,
-        running=tuple(_request_state(r, kv.block_ids(r.request_id), now) for r in running),
-        waiting=tuple(_request_state(r, [], now) for r in waiting if r.status.value == "waiting"),
-        preempted=tuple(
-            _request_state(r, [], now) for r in waiting if r.status.value == "preempted"
-        ),
-        last_step=recent[-1] if recent else None,
-        recent_steps=recent[-64:],
-        prompt_throughput=prompt_tp,
-        generation_throughput=gen_tp,
-        total_prompt_tokens=core.total_prompt_tokens,
-        total_generated_tokens=core.total_generated_tokens,
-        num_preemptions=core.scheduler.num_preemptions,
-        spec_acceptance_rate=spec.acceptance_rate if spec else None,
-        spec_mean_accepted=spec.mean_accepted if spec else None,
-        device_memory_used=used,
-        device_memory_total=total,
-        spec_draft_time_s=spec.draft_time_s if spec else None,
-        spec_verify_time_s=spec.verify_time_s if spec else None,
-    )

@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from engine.numeric import cdiv
+
 __all__ = ["GRAMMAR_KINDS", "GrammarBackend", "RequestGrammar", "StructuredSpec"]
 
 GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "grammar")
@@ -261,7 +263,7 @@ class GrammarBackend:
 def _pack(bits: torch.Tensor) -> torch.Tensor:
     """[vocab] bool -> [ceil(vocab / 32)] int32, token 32 * w + b at bit b of word w (xgrammar's
     layout)."""
-    words = -(-bits.numel() // 32)
+    words = cdiv(bits.numel(), 32)
     padded = torch.zeros(words * 32, dtype=torch.int64)
     padded[: bits.numel()] = bits.long()
     packed = (padded.view(words, 32) << torch.arange(32)).sum(dim=-1)  # [words] in [0, 2**32)

@@ -25,7 +25,7 @@ from panels.widgets.stage_progress import StageProgress
 from panels.widgets.table_cursor import cursor_row_key
 from store import Build, Store, StoreError
 
-# The recipes and KV cache dtypes of `workbench build` (engine/quant/recipes.py), listed here so
+# The recipes and KV cache dtypes of `workbench build` (engine_build/recipes.py), listed here so
 # that the panel does not import the engine.
 RECIPES = ("none", "fp8", "fp8_per_channel", "int8_sq", "int4_awq", "w4a8_awq")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
@@ -262,7 +262,7 @@ class BuildPanel(VerticalScroll):
         self.reload(select=process.build_id if process else None)
 
     def _after_kill(self, process: BuildProcess) -> None:
-        from engine.quant.engine_dir import remove_stale_partials
+        from engine.model.engine_dir import remove_stale_partials
 
         remove_stale_partials(Path(process.options.out))
         if process.build_id is not None:

@@ -5,7 +5,7 @@
 The TinyStories validation stories, split as scripts/train_tiny.py splits them, one document each
 (separated by `<|endoftext|>` lines, which the build turns back into the <|endoftext|> that opens
 every story): the first stories whose tokens, with that opening token, add up to at most
---tokens. With --tokens 150000 this is the stream engine/models/tiny/training_report.json's
+--tokens. With --tokens 150000 this is the stream engine/bundled/tiny/training_report.json's
 perplexity is measured on, up to the story cut at its end.
 """
 
@@ -29,7 +29,7 @@ def main() -> int:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ROOT / "engine" / "models" / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "engine" / "bundled" / "tiny")
     stories, total = [], 0
     for story in read_valid_stories(args.corpus):
         n = 1 + len(tokenizer.encode(story, add_special_tokens=False))

@@ -2,7 +2,7 @@
 
 Measures the device-to-device copy bandwidth first (bytes read + written per second), so the
 batch-1 roofline (weight bytes / bandwidth) comes from the same run as the numbers held against it.
-Then runs `engine.bench.run_benchmark` on dummy weights at a real shape for each row and appends
+Then runs `bench.offline.run_benchmark` on dummy weights at a real shape for each row and appends
 one JSON row per result to --out (the schema of docs/results/):
 
     python3 scripts/gpu_bench.py --model llama-3.1-8b --out docs/results/h100-bf16.json \
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.bench import BenchConfig, device_name, run_benchmark, versions  # noqa: E402
+from bench.offline import BenchConfig, device_name, run_benchmark, versions  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 
 

@@ -31,7 +31,7 @@ PROMPTS = (
 
 
 def default_model() -> str:
-    bundled = ROOT / "engine" / "models" / "tiny"
+    bundled = ROOT / "engine" / "bundled" / "tiny"
     if (bundled / "config.json").is_file():
         return "tiny"
     sys.path.insert(0, str(ROOT / "tests"))

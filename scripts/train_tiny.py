@@ -3,7 +3,7 @@
     python scripts/train_tiny.py                               # CPU or GPU, both models
     python scripts/train_tiny.py --max-steps 20                # CPU smoke test
     python scripts/train_tiny.py --corpus .corpus --out-dir $OUT/models --minutes 7
-    bash scripts/train_tiny_sweep.sh .corpus engine/models    # the GPU recipe actually used
+    bash scripts/train_tiny_sweep.sh .corpus engine/bundled    # the GPU recipe actually used
 
 Writes standard Hugging Face checkpoints (float16 safetensors, shared byte-level BPE tokenizer
 with a ChatML chat template) to <out-dir>/tiny and <out-dir>/tiny-draft, each with a
@@ -414,7 +414,7 @@ def train_one(name: str, args, tok, data: MixedStream, report_ids, monitor_ids, 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
-    ap.add_argument("--out-dir", default=str(REPO / "engine" / "models"))
+    ap.add_argument("--out-dir", default=str(REPO / "engine" / "bundled"))
     ap.add_argument("--models", default="tiny,tiny-draft", help="comma list of tiny, tiny-draft")
     ap.add_argument("--tokenizer", default=None, help="reuse this tokenizer dir (skip training)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

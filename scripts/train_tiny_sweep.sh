@@ -13,12 +13,12 @@
 # Logs and every candidate stay in $WORK (default /tmp/tiny_sweep).
 set -euo pipefail
 CORPUS=${1:-../shared/corpus}
-OUT_DIR=${2:-engine/models}
+OUT_DIR=${2:-engine/bundled}
 WORK=${WORK:-/tmp/tiny_sweep}
 PY=${PY:-python3}
 # The grids the bundled models were picked from. A second tiny grid with heavier dropout
 # ("1500,--dropout=0.2 2000,--dropout=0.3 2000,--dropout=0.3,--books-share=0.4 2500,--dropout=0.4")
-# wins on perplexity but its greedy output loops more; see engine/models/tiny/training_report.json.
+# wins on perplexity but its greedy output loops more; see engine/bundled/tiny/training_report.json.
 TINY_STEPS=${TINY_STEPS-"1000 2000 4000 8000"}
 DRAFT_STEPS=${DRAFT_STEPS-"2000 4000 8000"}
 MINUTES=${MINUTES:-6}

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.quant import texts
-from engine.quant.build import STAGES, BuildResult, BuildSpec, run_build
+from engine_build import texts
+from engine_build.build import STAGES, BuildResult, BuildSpec, run_build
 
 FAST = {"calib_size": 4, "calib_seq_len": 128, "calib_batch_size": 4, "eval_window": 256}
 

@@ -21,7 +21,7 @@ from tiny_checkpoints import FAMILIES, cached_tiny_checkpoint  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "models" / "tiny"
+BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "bundled" / "tiny"
 
 
 @pytest.fixture(scope="session", autouse=True)

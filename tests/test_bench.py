@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from engine.bench import BenchConfig, run_benchmark
-from engine.bench_hf import build_hf_model, engine_weights_as_hf
+from bench.hf import build_hf_model, engine_weights_as_hf
+from bench.offline import BenchConfig, run_benchmark
 from engine.config import EngineConfig, SamplingParams
 from engine.core import EngineCore
 from engine.llm import LLM

@@ -13,14 +13,14 @@ import httpx
 import pytest
 import torch
 
-from engine import AsyncLLM
-from engine.bench_online import (
+from bench.online import (
     RequestResult,
     arrival_times,
     base_url,
     parse_goodput,
     summarize_online,
 )
+from engine import AsyncLLM
 from engine.server import BackgroundServer, ServerSettings, create_app
 from store import open_store
 from workbench.cli import main

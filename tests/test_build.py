@@ -16,11 +16,12 @@ from build_support import builds, eval_text, one_thread  # noqa: F401  (fixtures
 from safetensors import safe_open
 
 from engine import LLM, SamplingParams
-from engine.quant import engine_dir, texts
-from engine.quant.build import STAGES, BuildSpec, run_build
-from engine.quant.recipes import RECIPES, ppl_limit
+from engine.model import engine_dir
+from engine_build import texts
+from engine_build.build import STAGES, BuildSpec, run_build
+from engine_build.recipes import RECIPES, ppl_limit
 
-BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "models" / "tiny"
+BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "bundled" / "tiny"
 # What ModelOpt 0.47 writes as quant_algo for each recipe, and the dtype of a quantized weight.
 EXPECTED = {
     "none": (None, torch.float16),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from build_support import FAST, eval_text, one_thread  # noqa: F401  (fixtures)
 
-from engine.quant import engine_dir
+from engine.model import engine_dir
 from store import open_store
 from workbench.cli import main
 
@@ -147,7 +147,7 @@ def test_failing_stage_records_failure_and_leaves_nothing(
 ) -> None:
     """A stage that raises (here: evaluation, after the weights were written) removes the temp
     dir, records why, and exits with one line."""
-    from engine.quant import evaluate
+    from engine_build import evaluate
 
     def broken(*args, **kwargs):
         raise RuntimeError("the engine could not load the build")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.quant.build import BuildSpec, run_build
-from engine.quant.recipes import RECIPES, ppl_limit
+from engine_build.build import BuildSpec, run_build
+from engine_build.recipes import RECIPES, ppl_limit
 
 pytestmark = [
     pytest.mark.gpu,

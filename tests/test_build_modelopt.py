@@ -10,10 +10,10 @@ import torch
 from build_support import one_thread
 from safetensors import safe_open
 
-from engine.quant.build import export_checkpoint
-from engine.quant.recipes import RECIPES, get_recipe, import_mtq, modelopt_config, ppl_limit
+from engine_build.build import export_checkpoint
+from engine_build.recipes import RECIPES, get_recipe, import_mtq, modelopt_config, ppl_limit
 
-BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "models" / "tiny"
+BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "bundled" / "tiny"
 KV_ENTRY = {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": (4, 3), "axis": None}}
 
 

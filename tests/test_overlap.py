@@ -110,11 +110,11 @@ def test_requests_that_need_each_token_run_one_step_at_a_time(llama_checkpoint):
     engine.add_request(prompts[0], params[0])
     engine.add_request(prompts[1], params[1])
     engine.step()
-    assert engine._in_flight is None  # a penalty request is running
+    assert not engine.step_in_flight  # a penalty request is running
     while any(not r.is_finished for r in engine.requests.values() if r.params is params[1]):
         engine.step()
     engine.step()
-    assert engine._in_flight is not None  # only plain requests left: overlapped again
+    assert engine.step_in_flight  # only plain requests left: overlapped again
     while engine.has_unfinished():
         engine.step()
     assert_pool_whole(llm)
@@ -154,7 +154,7 @@ def test_placeholders_never_leave_the_engine(llama_checkpoint):
                 finals[out.request_id] = out
         steps += 1
         if steps == 5:
-            assert engine._in_flight is not None
+            assert engine.step_in_flight
             assert engine.abort(ids[1])
     assert finals[ids[1]].finish_reason == "abort"
     assert PLACEHOLDER not in finals[ids[1]].token_ids

@@ -31,9 +31,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.quant import make_linear
 from engine.quant.checkpoint import QuantConfig, QuantConfigError
 from engine.quant.int4 import pack_int4, unpack_int4
-from engine.quant.linear import QuantLinear, make_linear
+from engine.quant.linear import QuantLinear
 
 ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A8_AWQ")
 GROUP = 64

@@ -51,7 +51,7 @@ from engine.quant.int4 import pack_int4
 from engine.quant.linear import QuantLinear
 from engine.runner import SeqChunk
 
-BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "models" / "tiny"
+BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "bundled" / "tiny"
 RECIPES = {  # recipe -> ModelOpt config
     "fp8": "FP8_DEFAULT_CFG",
     "fp8_per_channel": "FP8_PER_CHANNEL_PER_TOKEN_CFG",

@@ -19,7 +19,7 @@ def test_step_budget_puts_decodes_first_then_prefill_chunks(llama_checkpoint):
     batch = engine.scheduler.schedule()
     assert [(r.request_id, n) for r, n in batch.decodes] == [("a", 1)]
     assert [(r.request_id, n) for r, n in batch.prefills] == [("b", 9)]  # the rest of the budget
-    chunks = [engine._chunk(r, n) for r, n in batch.scheduled]
+    chunks = [engine.seq_chunk(r, n) for r, n in batch.scheduled]
     logits = engine.runner.run(chunks, len(batch.decodes))
     assert logits.shape[0] == 1  # only a samples: b's chunk is mid-prompt
     engine.scheduler.update(batch)

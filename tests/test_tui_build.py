@@ -22,7 +22,7 @@ from test_tui_support import (  # noqa: F401  (fixtures)
 )
 from textual.widgets import DataTable, Input, ProgressBar, Select
 
-from engine.quant import engine_dir
+from engine.model import engine_dir
 from panels.build import BuildPanel
 from panels.build_format import compare_rows
 from panels.widgets.stage_progress import STAGES, StageProgress

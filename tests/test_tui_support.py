@@ -22,7 +22,7 @@ from store import Store, open_store
 from workbench.app import WorkbenchApp
 from workbench.settings import Settings
 
-BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "models" / "tiny"
+BUNDLED = Path(__file__).resolve().parent.parent / "engine" / "bundled" / "tiny"
 # 128 blocks of 4 tokens: a block map with some detail, and room for 512-token replies.
 ENGINE_OPTIONS: dict[str, Any] = {"block_size": 4, "num_kv_blocks": 128, "max_num_seqs": 8}
 GREEDY = ChatParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=16, seed=None)

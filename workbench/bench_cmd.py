@@ -19,7 +19,7 @@ import shlex
 import sys
 from typing import Any
 
-from workbench import cli
+from workbench import options
 
 DESCRIPTION = """\
 offline (default): the engine runs in this process, at a fixed concurrency; every request is
@@ -94,7 +94,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--max-concurrency", type=int, metavar="N", help="most requests in flight")
     g.add_argument(
         "--api-key",
-        help=f"sent as 'Authorization: Bearer KEY' (default: ${cli.API_KEY_ENV})",
+        help=f"sent as 'Authorization: Bearer KEY' (default: ${options.API_KEY_ENV})",
     )
     g.add_argument(
         "--goodput",
@@ -111,7 +111,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--tokenizer", help="for synthetic prompts (default: the served model's name, if local)"
     )
     g.add_argument("--timeout", type=float, help="seconds to wait for a response's next byte (600)")
-    cli.add_engine_args(
+    options.add_engine_args(
         p,
         model_default=None,
         model_help="offline: the model to load (default: tiny); online: the served model name "
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         _refuse(_given(args, ONLINE_ONLY), "only with --url (online)")
         report, model = _offline(args)
     else:
-        given = _given(args, OFFLINE_ONLY) + cli.engine_flags_given(args, skip=("model",))
+        given = _given(args, OFFLINE_ONLY) + options.engine_flags_given(args, skip=("model",))
         _refuse(given, "not with --url (the server has its engine)")
         report = _online(args)
         if report is None:
@@ -136,11 +136,11 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2) if args.json else text)
     path = args.json_out
     if path is None and args.url is None:
-        from engine.bench import default_report_path
+        from bench.offline import default_report_path
 
         path = default_report_path()
     if path is not None:
-        from engine.bench import write_report
+        from bench.offline import write_report
 
         try:
             written = write_report(report, path)
@@ -165,7 +165,7 @@ def _refuse(given: list[str], why: str) -> None:
 
 
 def _offline(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from engine.bench import BenchConfig, format_report, run_benchmark
+    from bench.offline import BenchConfig, format_report, run_benchmark
 
     if args.model is None:
         args.model = "tiny"
@@ -180,10 +180,10 @@ def _offline(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         compare=args.compare,
         threads=args.threads,
     )
-    config = cli.engine_config_from_args(args)
+    config = options.engine_config_from_args(args)
     if config.speculative:
         # With speculation the same requests also run without it, for the speedup.
-        from engine.bench_spec import format_speculative_report, run_speculative_benchmark
+        from bench.speculative import format_speculative_report, run_speculative_benchmark
 
         report = run_speculative_benchmark(
             dataclasses.replace(config, speculative=None),
@@ -201,7 +201,7 @@ def _offline(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 def _online(args: argparse.Namespace) -> dict[str, Any] | None:
-    from engine.bench_online import (
+    from bench.online import (
         OnlineBenchConfig,
         OnlineBenchError,
         format_online_report,
@@ -226,7 +226,7 @@ def _online(args: argparse.Namespace) -> dict[str, Any] | None:
         timeout_s=args.timeout if args.timeout is not None else 600.0,
     )
     try:
-        api_key = args.api_key or os.environ.get(cli.API_KEY_ENV) or None
+        api_key = args.api_key or os.environ.get(options.API_KEY_ENV) or None
         report = run_online_benchmark(config, api_key, command=_redact(args.command_line))
     except OnlineBenchError as err:
         print(f"workbench: error: {err}", file=sys.stderr)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from engine.quant.recipes import KV_CACHE_DTYPES, RECIPES
+from engine_build.recipes import KV_CACHE_DTYPES, RECIPES
 
 EXIT_CANCELLED = 130
 
@@ -82,7 +82,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def spec_from_args(args: argparse.Namespace) -> Any:
-    from engine.quant.build import BuildSpec
+    from engine_build.build import BuildSpec
 
     return BuildSpec(
         model=args.model,
@@ -121,7 +121,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from engine.quant.build import execute, plan_build
+    from engine_build.build import execute, plan_build
 
     if args.threads is not None:
         if args.threads < 1:
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
         record.finish("complete", report=result.report)
         emit_raw(events, {"event": "done", "out": str(result.out), "report": result.report})
-        from engine.quant.report import format_report
+        from engine_build.report import format_report
 
         for line in format_report(result.report):
             printer.line(line)
@@ -220,7 +220,7 @@ class _Printer:
 
 
 def _emitter(events: TextIO | None, printer: _Printer, record: _Record, verbose: bool):
-    from engine.quant.build import STAGES
+    from engine_build.build import STAGES
 
     def emit(event: Any) -> None:
         emit_raw(events, {"event": event.kind, **event.to_dict()})

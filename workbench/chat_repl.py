@@ -89,7 +89,7 @@ class ChatREPL:
         cls, config: EngineConfig, params: SamplingParams, system: str | None = None
     ) -> ChatREPL:
         from engine.llm import AsyncLLM
-        from workbench.cli import engine_kwargs
+        from workbench.options import engine_kwargs
 
         llm = AsyncLLM(**engine_kwargs(config))
         if not getattr(llm.tokenizer, "chat_template", None):

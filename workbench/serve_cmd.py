@@ -4,7 +4,7 @@
 
 Loopback only by default. A non-loopback address needs --api-key (or WORKBENCH_API_KEY), or the
 explicit --allow-insecure-public. The bind rule and every option are checked before the model
-loads. Engine options are the CLI's own (`workbench.cli.add_engine_args`).
+loads. Engine options are the CLI's own (`workbench.add_engine_args`).
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import argparse
 import os
 from typing import Any
 
-from workbench.cli import API_KEY_ENV
+from workbench.options import API_KEY_ENV, add_engine_args, engine_config_from_args, engine_kwargs
 
 DEFAULT_MAX_QUEUE = 256
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `serve` command to the CLI's subparsers; it runs `run(args)` (`args.func`)."""
-    from workbench import cli
-
     help = "serve the model over an OpenAI-compatible HTTP API"
     p = subparsers.add_parser("serve", help=help, description=help)
     p.set_defaults(func=run)
@@ -50,25 +48,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
-    cli.add_engine_args(p)
+    add_engine_args(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from engine.server import check_bind
-    from workbench import cli
 
     check_bind(args.host, args.api_key, args.allow_insecure_public)  # before the model loads
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queue < -1:
         raise ValueError(f"--max-queue must be >= 0, or -1 for no limit, got {args.max_queue}")
-    config = cli.engine_config_from_args(args)
+    config = engine_config_from_args(args)
 
     from engine.llm import AsyncLLM
     from engine.server import ServerSettings, create_app, serve
 
-    llm = AsyncLLM(**cli.engine_kwargs(config))
+    llm = AsyncLLM(**engine_kwargs(config))
     settings = ServerSettings(
         model_name=args.served_model_name or args.model,
         api_key=args.api_key or None,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from engine.attention.metadata import AttentionMetadata
 from engine.kv.cache import LayerKV
 from engine.kv.quant import dequantize, has_slot_scales, write_quantized
+from engine.numeric import cdiv
 
 
 class TorchAttention:
@@ -71,7 +72,7 @@ class TorchAttention:
     def _prefill(self, q, kv: LayerKV, meta: AttentionMetadata, i: int, scale: float):
         seq_len = meta.seq_lens_host[i]
         q_len = q.shape[0]
-        nblocks = -(-seq_len // meta.block_size)
+        nblocks = cdiv(seq_len, meta.block_size)
         table = meta.block_tables[i : i + 1, :nblocks]
         keys, values = gather_kv(kv, table, q.dtype)
         keys, values = keys[0, :seq_len], values[0, :seq_len]  # [seq_len, kv_heads, head_dim]

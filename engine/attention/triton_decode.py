@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from engine.attention.triton_pages import kv_scale_args
+from engine.numeric import cdiv
 
 MAX_SPLITS = 16
 
@@ -208,7 +209,7 @@ def _merge_splits_kernel(
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_pages: int, num_sms: int) -> int:
     """Enough programs to cover the GPU about twice, never more splits than pages."""
     programs = num_seqs * num_kv_heads
-    wanted = -(-2 * num_sms // programs)
+    wanted = cdiv(2 * num_sms, programs)
     return max(1, min(MAX_SPLITS, wanted, max_pages))
 
 

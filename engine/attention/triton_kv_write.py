@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from engine.kv.cache import LayerKV
-from engine.kv.quant import _MIN_AMAX, FP8_MAX, INT8_MAX
+from engine.kv.quant import _MIN_AMAX
+from engine.numeric import FP8_MAX, INT8_MAX
 
 
 @triton.jit

@@ -16,6 +16,9 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from engine.kernels.rounding import round_to
+from engine.numeric import FP8_MAX
+
+_FP8_MAX = tl.constexpr(FP8_MAX)  # the e4m3 bound the QUANT outputs saturate at
 
 
 @triton.jit
@@ -44,7 +47,7 @@ def _silu_and_mul_kernel(
     silu = round_to(silu, dtype)  # F.silu returns the dtype
     out = round_to(silu * up, dtype)
     if QUANT:
-        out = tl.clamp(out * tl.load(inv_scale_ptr), -448.0, 448.0)
+        out = tl.clamp(out * tl.load(inv_scale_ptr), -_FP8_MAX, _FP8_MAX)
     tl.store(out_ptr + tok * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -16,6 +16,9 @@ import triton
 import triton.language as tl
 
 from engine.kernels.rounding import round_to
+from engine.numeric import FP8_MAX
+
+_FP8_MAX = tl.constexpr(FP8_MAX)  # the e4m3 bound the QUANT outputs saturate at
 
 
 @triton.jit
@@ -56,7 +59,7 @@ def _rms_norm_kernel(
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     out = round_to(w * normed, dtype)
     if QUANT:
-        out = tl.clamp(out * tl.load(inv_scale_ptr), -448.0, 448.0)
+        out = tl.clamp(out * tl.load(inv_scale_ptr), -_FP8_MAX, _FP8_MAX)
     tl.store(
         out_ptr + tok * stride_out_tok + head * stride_out_head + cols,
         out.to(out_ptr.dtype.element_ty),

@@ -9,9 +9,23 @@ page with missing K/V.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from engine.kv.block_pool import BlockPool, KVBlock, hash_block_tokens
+from engine.numeric import cdiv
 from engine.request import Request
+from engine.state import BLOCK_CACHED, BLOCK_FREE, KVStats
+
+
+class KVSequence(Protocol):
+    """What allocation, trimming and freeing read of a sequence: a `Request` (the target's
+    scheduler), or the draft model's own record of one (`engine.spec.draft.DraftSeq`)."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def num_computed_tokens(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,7 @@ class KVCacheManager:
 
     def allocate_slots(
         self,
-        request: Request,
+        request: KVSequence,
         num_new_tokens: int,
         cached: CachedPrefix | None = None,
         num_lookahead_tokens: int = 0,
@@ -75,7 +89,7 @@ class KVCacheManager:
         cached_blocks = cached.blocks if cached else []
         num_computed = request.num_computed_tokens + (cached.num_tokens if cached else 0)
         total = num_computed + num_new_tokens + num_lookahead_tokens
-        num_needed = -(-total // self.block_size) - len(blocks) - len(cached_blocks)
+        num_needed = cdiv(total, self.block_size) - len(blocks) - len(cached_blocks)
         # Cached blocks sitting free in the queue are about to be taken, so they can't also be
         # counted as room for new ones.
         num_reclaimable = sum(1 for b in cached_blocks if b.ref_cnt == 0)
@@ -108,15 +122,15 @@ class KVCacheManager:
             self.pool.register(blocks[i], hashes[i])
         self.req_num_registered[rid] = num_full
 
-    def trim(self, request: Request, num_tokens: int) -> None:
+    def trim(self, request: KVSequence, num_tokens: int) -> None:
         """Give back blocks beyond the first `num_tokens` tokens (rejected speculative slots)."""
         blocks = self.req_blocks.get(request.request_id, [])
-        keep = -(-num_tokens // self.block_size)
+        keep = cdiv(num_tokens, self.block_size)
         if len(blocks) > keep:
             self.pool.free(reversed(blocks[keep:]))
             del blocks[keep:]
 
-    def free(self, request: Request) -> None:
+    def free(self, request: KVSequence) -> None:
         """Release the request's pages, tail first, so that its last blocks (least likely to be
         shared) are evicted before its first ones."""
         rid = request.request_id
@@ -131,3 +145,27 @@ class KVCacheManager:
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def make_stats(self, running: list[Request]) -> KVStats:
+        """The pool's occupancy as `EngineState` reports it; `running` in the scheduler's order
+        (the block map's owner indices point into it)."""
+        pool = self.pool
+        block_map = [BLOCK_FREE] * pool.num_blocks
+        for block in pool.free_queue.values():
+            if block.block_hash is not None:
+                block_map[block.block_id] = BLOCK_CACHED
+        for index, request in enumerate(running):
+            for block_id in self.block_ids(request.request_id):
+                # A shared prefix block shows its oldest owner.
+                if block_map[block_id] < 0:
+                    block_map[block_id] = index
+        cached_free = pool.num_cached_free_blocks
+        return KVStats(
+            block_size=self.block_size,
+            kv_blocks_total=pool.num_blocks,
+            kv_blocks_used=pool.num_used_blocks,
+            kv_blocks_cached_free=cached_free,
+            kv_blocks_free=pool.num_free_blocks - cached_free,
+            block_map=tuple(block_map),
+            prefix_cache_hit_rate=self.prefix_hit_rate,
+        )

@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 
 from engine.config import KV_CACHE_DTYPES
+from engine.numeric import FP8_MAX, INT8_MAX
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-INT8_MAX = 127.0  # symmetric: -127..127, so that -x quantizes to -q
 _MIN_AMAX = 1e-12  # an all-zero token gets a tiny scale, not 0 / 0
 
 

@@ -13,10 +13,10 @@ from engine import kernels
 from engine.config import EngineConfig
 from engine.model import loader
 from engine.model.dummy import init_dummy_weights
+from engine.model.engine_dir import without_tokenizer
 from engine.model.llama import LlamaForCausalLM
 from engine.model.presets import PRESETS, preset_config
 from engine.quant.checkpoint import QuantConfig, resolve_quant_config
-from engine.quant.engine_dir import without_tokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -14,7 +14,7 @@ sequence and where their K/V live.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,11 @@ from torch import nn
 
 from engine import kernels
 from engine.attention.metadata import AttentionMetadata
+from engine.kv.cache import LayerKV
 from engine.model.rope import RotaryEmbedding
+from engine.quant import make_linear
 from engine.quant.checkpoint import QuantConfig, QuantConfigError
-from engine.quant.linear import QuantLinear, make_linear
+from engine.quant.linear import QuantLinear, copy_checked
 
 
 class RMSNorm(nn.Module):
@@ -86,7 +88,7 @@ class Attention(nn.Module):
         hidden: torch.Tensor,  # [num_tokens, hidden]
         rotary: RotaryEmbedding,
         positions: torch.Tensor,  # [num_tokens]
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKV,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -188,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [num_tokens]
         positions: torch.Tensor,  # [num_tokens]
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v)
+        kv_caches: Sequence[LayerKV],  # per layer: its pages (and scales)
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """-> final hidden states [num_tokens, hidden]; `logits` scores the rows it is given."""
@@ -252,11 +254,11 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
             param = params[target]
             if shard is None:
-                _copy_checked(param.data, tensor, name)
+                copy_checked(param.data, tensor, name)
                 loaded.add(target)
             else:
                 start, size = self._shard_range(target, shard)
-                _copy_checked(param.data.narrow(0, start, size), tensor, name)
+                copy_checked(param.data.narrow(0, start, size), tensor, name)
                 loaded.add(f"{target}#{shard}")
         expected = set()
         for pname in params:
@@ -284,12 +286,3 @@ class LlamaForCausalLM(nn.Module):
 
 def _fp8_inv_scale(linear: nn.Module) -> torch.Tensor | None:
     return linear.fp8_input_inv_scale() if isinstance(linear, QuantLinear) else None
-
-
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(
-            f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, "
-            f"the model expects {tuple(dst.shape)}"
-        )
-    dst.copy_(src)

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from .presets import PRESETS, preset_config
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"  # engine/models
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"  # engine/bundled/<name>/
 BUNDLED_MODELS = ("tiny", "tiny-draft")
 
 SUPPORTED_ARCHITECTURES = frozenset(

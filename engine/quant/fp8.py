@@ -31,10 +31,10 @@ import os
 
 import torch
 
+from engine.numeric import FP8_MAX
 from engine.quant.checkpoint import QuantConfig
 from engine.quant.linear import QuantLinear, copy_checked, frozen
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8 = torch.float8_e4m3fn
 DEFAULT_INPUT_AMAX = 8.0  # activation range that dummy weights calibrate their scales for
 GEMV_ENV_VAR = "WORKBENCH_FP8_GEMV"

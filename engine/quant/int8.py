@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.numeric import INT8_MAX
 from engine.quant.checkpoint import QuantConfig
 from engine.quant.fp8 import DEFAULT_INPUT_AMAX
 from engine.quant.linear import QuantLinear, copy_checked, frozen
 
-INT8_MAX = 127.0
 _INT_MM_MIN_ROWS = 17  # cuBLASLt int8 GEMM: mat1 needs more than 16 rows
 
 

@@ -1,5 +1,6 @@
-"""Quantized linear layers: the base class that loads ModelOpt-exported shards, and the factory
-the model builds its projections with.
+"""Quantized linear layers: the base class that loads ModelOpt-exported shards. The schemes
+(fp8, int8, int4) subclass it and import nothing else of each other's; the factory the model
+builds its projections with and the scheme table are in `engine.quant` (its __init__).
 
 One module may hold several Hugging Face linears fused along the output dimension (q/k/v into
 qkv_proj, gate/up into gate_up_proj). Shard i covers output rows [starts[i], starts[i] + sizes[i])
@@ -210,32 +211,3 @@ def copy_checked(
             f"the model expects {tuple(dst.shape)}"
         )
     dst.copy_(src)
-
-
-def make_linear(
-    in_features: int,
-    shard_sizes: Sequence[int],
-    bias: bool,
-    quant: QuantConfig | None,
-    names: Sequence[str],
-) -> nn.Module:
-    """nn.Linear for unquantized (or excluded) modules, else the scheme's QuantLinear. The
-    shards of a fused module must all be quantized or all excluded."""
-    excluded = [quant is None or quant.is_excluded(n) for n in names]
-    if all(excluded):
-        return nn.Linear(in_features, sum(shard_sizes), bias=bias)
-    if any(excluded):
-        raise QuantConfigError(
-            f"exclude_modules leaves some of {', '.join(names)} unquantized; the engine fuses "
-            "them into one matmul, so they must be quantized alike"
-        )
-    from engine.quant import fp8, int4, int8
-
-    classes: dict[str, type[QuantLinear]] = {
-        "FP8": fp8.Fp8Linear,
-        "FP8_PER_CHANNEL_PER_TOKEN": fp8.Fp8PerTokenLinear,
-        "W8A8_SQ_PER_CHANNEL": int8.Int8SmoothQuantLinear,
-        "W4A16_AWQ": int4.Int4AwqLinear,
-        "W4A8_AWQ": int4.W4A8AwqLinear,
-    }
-    return classes[quant.algo](in_features, shard_sizes, bias, quant, names)

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
+from engine.numeric import FP8_MAX
+
 _FP8_MAX = tl.constexpr(FP8_MAX)  # what the kernels may read (a global must be a constexpr)
 GEMV_MAX_ROWS = 4  # M above this goes to cuBLASLt's tensor-core kernels
 

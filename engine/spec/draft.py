@@ -1,27 +1,32 @@
 """Draft-model proposer: a small model with the target's tokenizer runs k autoregressive steps
 per engine step, batched over requests, on its own paged KV pool.
 
-Invariant: `computed[rid]` tokens of the request are in the draft's cache and equal the request's
-tokens. After verification only the accepted prefix stays valid, so `rollback` lowers it; the next
-proposal first catches up on the tokens the draft has not seen (1 or 2 in steady state, the whole
-prompt the first time).
+Invariant: the first `seqs[rid].num_computed_tokens` tokens of the request are in the draft's
+cache and equal the request's tokens. After verification only the accepted prefix stays valid,
+so `rollback` lowers it; the next proposal first catches up on the tokens the draft has not seen
+(1 or 2 in steady state, the whole prompt the first time).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from engine.attention.select import make_backend
 from engine.config import EngineConfig
-from engine.kv.cache import KVCache, KVLayout
-from engine.kv.manager import KVCacheManager
 from engine.model.builder import load_model
-from engine.quant.kv_scales import kv_quant_for
 from engine.request import Request
-from engine.runner import ModelRunner, SeqChunk
+from engine.runner import SeqChunk
 from engine.sampler import Sampler, SamplingRow, make_generator
+from engine.worker import build_worker
+
+
+@dataclass
+class DraftSeq:
+    """A request as the draft's KV pool holds it (what its KV manager reads of a sequence)."""
+
+    request_id: str
+    num_computed_tokens: int = 0  # the request's first tokens, in the draft's cache
 
 
 class DraftProposer:
@@ -50,21 +55,15 @@ class DraftProposer:
             )
         self.model = loaded.model
         # The draft's pool is stored like the target's (kv_cache_dtype), with its own scales.
-        kv_quant = kv_quant_for(draft_config, loaded)
-        layout = KVLayout.of(self.model, target.block_size, loaded.dtype, kv_quant.kv_cache_dtype)
-        self.kv = KVCacheManager(num_blocks, target.block_size, enable_prefix_caching=False)
-        self.cache = KVCache(layout, num_blocks, loaded.device, kv_quant.fp8_scales)
-        backend = make_backend(
-            target.attention_backend,
-            loaded.device,
-            target.block_size,
-            self.model.head_dim,
-            layout.storage_dtype,
+        worker = build_worker(
+            draft_config, loaded, num_blocks=lambda layout: num_blocks, enable_prefix_caching=False
         )
-        self.runner = ModelRunner(self.model, self.cache, backend, loaded.device)
+        self.kv = worker.kv
+        self.cache = worker.kv_cache
+        self.runner = worker.runner
         self.sampler = sampler
         self.device = loaded.device
-        self.computed: dict[str, int] = {}
+        self.seqs: dict[str, DraftSeq] = {}
         self.generators: dict[str, torch.Generator | None] = {}
 
     def _generator(self, request: Request) -> torch.Generator | None:
@@ -86,13 +85,16 @@ class DraftProposer:
         chunks: list[SeqChunk] = []
         for i, (request, k) in enumerate(zip(requests, ks, strict=True)):
             rid = request.request_id
+            seq = self.seqs.get(rid) or DraftSeq(rid)
+            before = seq.num_computed_tokens
             # The last token is always recomputed: its logits give the first draft.
-            done = min(self.computed.get(rid, 0), request.num_tokens - 1)
+            done = seq.num_computed_tokens = min(before, request.num_tokens - 1)
             new = request.all_token_ids[done:]
-            probe = _Probe(rid, done)
             # Room for the catch-up tokens and the k - 1 drafts that get computed in the cache.
-            if not self.kv.allocate_slots(probe, len(new), num_lookahead_tokens=k - 1):
+            if not self.kv.allocate_slots(seq, len(new), num_lookahead_tokens=k - 1):
+                seq.num_computed_tokens = before  # nothing changed
                 continue
+            self.seqs[rid] = seq
             chunks.append(SeqChunk(new, done, self.kv.block_ids(rid), 1))
             active.append(i)
         results: list[tuple[list[int], torch.Tensor | None]] = [([], None)] * len(requests)
@@ -122,7 +124,9 @@ class DraftProposer:
                     next_active.append(i)
             for i in active:
                 request = requests[i]
-                self.computed[request.request_id] = request.num_tokens + len(drafts[i]) - 1
+                self.seqs[request.request_id].num_computed_tokens = (
+                    request.num_tokens + len(drafts[i]) - 1
+                )
             chunks, active, num_decodes = next_chunks, next_active, len(next_chunks)
             if not chunks:
                 break
@@ -141,21 +145,13 @@ class DraftProposer:
 
     def rollback(self, request: Request, num_valid: int) -> None:
         """Only the first `num_valid` tokens in the draft cache still match the request."""
-        rid = request.request_id
-        if rid in self.computed:
-            self.computed[rid] = min(self.computed[rid], num_valid)
-            self.kv.trim(_Probe(rid, self.computed[rid]), self.computed[rid])
+        seq = self.seqs.get(request.request_id)
+        if seq is not None:
+            seq.num_computed_tokens = min(seq.num_computed_tokens, num_valid)
+            self.kv.trim(seq, seq.num_computed_tokens)
 
     def free(self, request: Request) -> None:
-        rid = request.request_id
-        self.kv.free(_Probe(rid, 0))
-        self.computed.pop(rid, None)
-        self.generators.pop(rid, None)
-
-
-class _Probe:
-    """The two fields of a Request the draft's KV manager reads, with the draft's progress."""
-
-    def __init__(self, request_id: str, num_computed_tokens: int) -> None:
-        self.request_id = request_id
-        self.num_computed_tokens = num_computed_tokens
+        seq = self.seqs.pop(request.request_id, None)
+        if seq is not None:  # it holds pages only once an allocation succeeded
+            self.kv.free(seq)
+        self.generators.pop(request.request_id, None)

@@ -14,6 +14,7 @@ from engine.sampler import Sampler, SamplingRow
 from engine.spec import SpecStats, SpeculativeConfig
 from engine.spec.ngram import propose_ngram
 from engine.spec.rejection import verify
+from engine.state import SpecState
 
 
 class Verified(NamedTuple):
@@ -23,6 +24,12 @@ class Verified(NamedTuple):
 
 
 class Speculator:
+    """Speculative decoding as the engine's step sees it: `propose` before scheduling,
+    `verify` a request's logits after the forward pass, `after_step` to roll the drafts back,
+    `free` a request's draft state. `NoSpeculation` has the same interface and does nothing."""
+
+    enabled = True
+
     def __init__(
         self,
         config: SpeculativeConfig,
@@ -40,6 +47,10 @@ class Speculator:
 
             self.draft = DraftProposer(config.model, engine_config, vocab_size, num_blocks, sampler)
         self._proposed: list[tuple[Request, int]] = []  # (request, its length when proposed)
+
+    def reset_stats(self) -> None:
+        """Start the counters afresh (a benchmark counts its measured requests only)."""
+        self.stats = SpecStats()
 
     def propose(self, running: list[Request], max_model_len: int) -> None:
         """Set `spec_token_ids` (and `spec_probs`) on running requests that are decoding."""
@@ -116,6 +127,48 @@ class Speculator:
             request.spec_probs = None
         self._proposed = []
 
+    def record_verify_time(self, seconds: float) -> None:
+        """Add one step's time that verified drafts (the engine times its steps)."""
+        self.stats.verify_time_s += seconds
+
+    def make_stats(self) -> SpecState:
+        stats = self.stats
+        return SpecState(
+            spec_acceptance_rate=stats.acceptance_rate,
+            spec_mean_accepted=stats.mean_accepted,
+            spec_draft_time_s=stats.draft_time_s,
+            spec_verify_time_s=stats.verify_time_s,
+        )
+
     def free(self, request: Request) -> None:
         if self.draft is not None:
             self.draft.free(request)
+
+
+class NoSpeculation:
+    """The engine without speculative decoding: no drafts, so `verify` is never called (no chunk
+    has more than one logit row) and nothing needs rolling back."""
+
+    enabled = False
+    draft = None
+
+    def propose(self, running: list[Request], max_model_len: int) -> None:
+        pass
+
+    def verify(self, request: Request, logits: torch.Tensor) -> Verified:
+        raise AssertionError("a request has drafts but speculation is off")
+
+    def after_step(self, accepted_lengths: dict[str, int]) -> None:
+        pass
+
+    def free(self, request: Request) -> None:
+        pass
+
+    def record_verify_time(self, seconds: float) -> None:
+        pass
+
+    def reset_stats(self) -> None:
+        pass
+
+    def make_stats(self) -> SpecState:
+        return SpecState()

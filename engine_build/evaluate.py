@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.quant.texts import eval_windows
+from engine.numeric import cdiv
+from engine_build.texts import eval_windows
 
 Progress = Callable[[float, str], None]
 
@@ -69,7 +70,7 @@ def eval_engine(model_dir: Path, device: torch.device, kv_cache_dtype: str, wind
         dtype="float32" if device.type == "cpu" else "auto",
         kv_cache_dtype=kv_cache_dtype,
         block_size=block_size,
-        num_kv_blocks=-(-window // block_size) + 1,
+        num_kv_blocks=cdiv(window, block_size) + 1,
         max_num_seqs=1,
         max_model_len=window,
         enable_prefix_caching=False,

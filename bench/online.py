@@ -2,7 +2,7 @@
 
 Method (that of vLLM's `benchmark_serving.py`)
 ------
-Prompts: the offline benchmark's (`engine.bench`): `num_requests` synthetic prompts of exactly
+Prompts: the offline benchmark's (`bench.offline`): `num_requests` synthetic prompts of exactly
 `input_len` token ids drawn from the tokenizer's vocabulary (special tokens left out) with a
 generator seeded by `seed`, so the same seed sends the same ids online and offline; or the lines
 of a text file, cycled. /v1/completions gets synthetic prompts as token-id lists (exactly
@@ -48,7 +48,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from engine.bench import load_average, read_prompt_lines, stats_ms, versions
+from bench.offline import load_average, read_prompt_lines, stats_ms, versions
 
 __all__ = [
     "ENDPOINTS",
@@ -169,7 +169,7 @@ def build_prompts(config: OnlineBenchConfig, model: str, count: int) -> list[Ben
         return [BenchPrompt(lines[i % len(lines)], None) for i in range(count)]
     import torch
 
-    from engine.bench import synthetic_prompts
+    from bench.offline import synthetic_prompts
 
     tokenizer = _load_tokenizer(config.tokenizer or model)
     special = set(tokenizer.all_special_ids or [])

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from engine.quant import engine_dir
-from engine.quant.recipes import get_recipe, ppl_limit
+from engine.model import engine_dir
+from engine_build.recipes import get_recipe, ppl_limit
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -1,7 +1,7 @@
 """Speculative decoding benchmark: the same greedy requests with and without speculation, in one
 run, on one engine configuration.
 
-Both runs use `engine.bench`'s loop (`run_requests`) on the same prompts. Reported: output tok/s
+Both runs use `bench.offline`'s loop (`run_requests`) on the same prompts. Reported: output tok/s
 and TPOT of each, the speedup (speculative over plain output tok/s), the acceptance rate (accepted
 draft tokens / proposed), the mean tokens per verifying step (accepted + the corrected or bonus
 token), the time spent drafting and verifying, and whether every request produced the same tokens
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from engine.bench import (
+from bench.offline import (
     BenchConfig,
     make_prompts,
     run_requests,
@@ -48,12 +48,11 @@ def run_speculative_benchmark(
         concurrency = min(config.concurrency or len(prompts), len(prompts))
         if warmup:
             run_requests(core, warmup, config.output_len, min(concurrency, len(warmup)))
-        if core.speculator is not None:  # count the measured requests only
-            core.speculator.stats = type(core.speculator.stats)()
+        core.speculator.reset_stats()  # count the measured requests only
         run = run_requests(core, prompts, config.output_len, concurrency)
         result = summarize(run.records, run.wall_s)
         result["num_steps"] = run.num_steps
-        if core.speculator is not None:
+        if core.speculator.enabled:
             stats = core.speculator.stats
             result["spec"] = {
                 **dataclasses.asdict(stats),

@@ -1,4 +1,4 @@
-"""The Hugging Face transformers peer of `engine.bench`: `generate` on the same weights and prompts.
+"""The transformers peer of `bench.offline`: `generate` on the same weights and prompts.
 
 Same weights: a checkpoint the engine read from disk is read again with
 `AutoModelForCausalLM.from_pretrained` (same dtype, same device); with `load_format="dummy"` there

@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
-from engine.quant import engine_dir, report, texts
-from engine.quant.calibration import PASSES, CalibrationSet, calibration_batch, forward_loop
-from engine.quant.capture import library_output_as_log
-from engine.quant.recipes import (
+from engine.model import engine_dir
+from engine_build import report, texts
+from engine_build.calibration import PASSES, CalibrationSet, calibration_batch, forward_loop
+from engine_build.capture import library_output_as_log
+from engine_build.recipes import (
     Recipe,
     check_kv_cache_dtype,
     describe_config,
@@ -405,7 +406,7 @@ def _calibrate(plan: BuildPlan, model: torch.nn.Module, stages: _Stages) -> dict
         if plan.eval_skipped is None:
             # ModelOpt's own simulation of the build, before the export folds scales into the
             # model: what our engine's perplexity of the build should come close to.
-            from engine.quant.evaluate import hf_perplexity
+            from engine_build.evaluate import hf_perplexity
 
             stages.progress(0.99, "perplexity of ModelOpt's simulated quantization")
             plan.simulated = {
@@ -489,7 +490,7 @@ def _export(
 
 
 def _evaluate(plan: BuildPlan, tmp: Path, stages: _Stages) -> dict[str, Any]:
-    from engine.quant import evaluate
+    from engine_build import evaluate
 
     with stages.stage("evaluate", "perplexity of the source and of the build"):
         if plan.eval_skipped is not None:

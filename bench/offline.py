@@ -23,7 +23,7 @@ Totals, over the wall time from the first `add_request` to the last request's fi
 tokens/s (generated tokens / wall), total tokens/s ((prompt + generated tokens) / wall) and
 requests/s.
 
-Peer (`compare="hf"`, see `engine.bench_hf`): transformers `generate` on the same weights, dtype,
+Peer (`compare="hf"`, see `bench.hf`): transformers `generate` on the same weights, dtype,
 device and prompts, `concurrency` prompts per batch, left-padded, greedy, exactly `output_len` new
 tokens each; its output tokens/s is the sum of generated tokens over the summed `generate` wall
 time, and the ratio is ours over it. It also counts how many requests produced the same tokens as
@@ -334,7 +334,7 @@ def _run_hf_peer(
     config: BenchConfig,
     ours: RunResult,
 ) -> dict[str, Any]:
-    from engine.bench_hf import build_hf_model, hf_generate
+    from bench.hf import build_hf_model, hf_generate
 
     concurrency = min(config.concurrency or len(prompts), len(prompts))
     # The engine's KV cache is no longer needed; on a GPU it holds most of the free memory.
