@@ -1,0 +1,50 @@
+"""Greedy output of the MoE families equals transformers token for token, whatever the batching
+does: test_parity's mixed-batch and preemption tests run here on the MoE tiny checkpoints (this
+module's `family_checkpoint`), plus prefix-cache hits."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import assert_pool_whole, random_prompts
+from test_parity import (  # noqa: F401  (collected here, on the MoE checkpoints)
+    GREEDY,
+    expected,
+    test_forced_preemption_keeps_output_exact,
+    test_mixed_batch_matches_transformers,
+)
+from tiny_checkpoints import MOE_FAMILIES, cached_tiny_checkpoint
+
+from engine import LLM
+
+
+@pytest.fixture(scope="module", params=MOE_FAMILIES)
+def family_checkpoint(request, checkpoint_root):
+    return cached_tiny_checkpoint(checkpoint_root, request.param)
+
+
+def test_moe_prefix_cache_hits_keep_output_exact(family_checkpoint):
+    base = random_prompts([24], seed=3)[0]
+    prompts = [base + tail for tail in random_prompts([3, 7], seed=4)] + [base]
+    llm = LLM(str(family_checkpoint), block_size=4, max_num_tokens=11)
+    first = llm.generate(prompts[:1], GREEDY)
+    second = llm.generate(prompts, GREEDY)
+    want = expected(family_checkpoint, prompts)
+    assert [o.token_ids for o in first + second] == want[:1] + want
+    assert [o.metrics.num_cached_tokens for o in second] == [24, 24, 20]
+    assert_pool_whole(llm)
+
+
+def test_moe_checkpoint_routes_to_every_expert(family_checkpoint):
+    """The tiny configs exercise routing for real: every expert of every sparse layer gets
+    tokens, and the dense layers of the Qwen configs stay dense."""
+    llm = LLM(str(family_checkpoint), block_size=16)
+    llm.generate(random_prompts([40, 13]), GREEDY)
+    model = llm.engine.model
+    layers, counts = model.expert_load()
+    spec = model.moe
+    assert layers == tuple(i for i in range(model.config.num_hidden_layers) if spec.is_sparse(i))
+    assert len(layers) < model.config.num_hidden_layers or model.config.model_type == "mixtral"
+    # every token of every step is routed to top_k experts in each sparse layer
+    tokens = 40 + 13 + 2 * (GREEDY.max_tokens - 1)
+    assert all(sum(row) == tokens * spec.top_k for row in counts)
+    assert all(min(row) > 0 for row in counts)
