@@ -62,6 +62,25 @@ class RequestState:
 
 
 @dataclass(frozen=True)
+class ExpertLoad:
+    """(token, expert) pairs routed to each expert of each sparse layer of a MoE model: rows in
+    `layers` order, one column per expert."""
+
+    layers: tuple[int, ...]  # the sparse layers' indices
+    total: tuple[tuple[int, ...], ...]  # since the engine started
+    recent: tuple[tuple[int, ...], ...]  # since the previous snapshot
+    recent_steps: int  # engine steps that `recent` covers
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExpertLoad:
+        values = _known(cls, data)
+        for key in ("total", "recent"):
+            values[key] = tuple(tuple(row) for row in values.get(key, ()))
+        values["layers"] = tuple(values.get("layers", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class EngineState:
     step: int
     timestamp: float  # time.time()
@@ -93,6 +112,7 @@ class EngineState:
     spec_draft_time_s: float | None = None  # total time proposing drafts
     spec_verify_time_s: float | None = None  # total time of steps that verified drafts
     kv_cache_dtype: str | None = None  # how KV pages are stored: float8_e4m3fn, int8 or as dtype
+    expert_load: ExpertLoad | None = None  # MoE models only
 
     @property
     def kv_usage(self) -> float:
@@ -118,6 +138,8 @@ class EngineState:
             last = values.get("last_step")
             values["last_step"] = StepStats.from_dict(last) if last else None
             values["block_map"] = tuple(values.get("block_map", ()))
+            load = values.get("expert_load")
+            values["expert_load"] = ExpertLoad.from_dict(load) if load else None
             return cls(**values)
         except (TypeError, AttributeError) as err:
             raise ValueError(f"not an engine state: {err}") from None
@@ -159,6 +181,8 @@ def _device_memory(device: torch.device) -> tuple[int, int]:
 
 
 def build_state(core: EngineCore) -> EngineState:
+    from engine.model.moe_model import read_expert_load  # torch: only where a state is built
+
     now = time.monotonic()
     kv = core.kv
     pool = kv.pool
@@ -214,4 +238,5 @@ def build_state(core: EngineCore) -> EngineState:
         device_memory_total=total,
         spec_draft_time_s=spec.draft_time_s if spec else None,
         spec_verify_time_s=spec.verify_time_s if spec else None,
+        expert_load=read_expert_load(core.model, core.step_index),
     )

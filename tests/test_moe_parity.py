@@ -4,6 +4,8 @@ module's `family_checkpoint`), plus prefix-cache hits."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import assert_pool_whole, random_prompts
 from test_parity import (  # noqa: F401  (collected here, on the MoE checkpoints)
@@ -15,6 +17,7 @@ from test_parity import (  # noqa: F401  (collected here, on the MoE checkpoints
 from tiny_checkpoints import MOE_FAMILIES, cached_tiny_checkpoint
 
 from engine import LLM
+from engine.state import EngineState
 
 
 @pytest.fixture(scope="module", params=MOE_FAMILIES)
@@ -34,17 +37,29 @@ def test_moe_prefix_cache_hits_keep_output_exact(family_checkpoint):
     assert_pool_whole(llm)
 
 
-def test_moe_checkpoint_routes_to_every_expert(family_checkpoint):
-    """The tiny configs exercise routing for real: every expert of every sparse layer gets
-    tokens, and the dense layers of the Qwen configs stay dense."""
+def test_expert_load_in_engine_state(family_checkpoint):
+    """Every token of every step is routed to top_k experts of each sparse layer (every expert
+    gets some: the tiny configs route for real), the dense layers of the Qwen configs stay dense,
+    and `recent` is what was routed since the previous snapshot."""
     llm = LLM(str(family_checkpoint), block_size=16)
-    llm.generate(random_prompts([40, 13]), GREEDY)
     model = llm.engine.model
-    layers, counts = model.expert_load()
     spec = model.moe
-    assert layers == tuple(i for i in range(model.config.num_hidden_layers) if spec.is_sparse(i))
-    assert len(layers) < model.config.num_hidden_layers or model.config.model_type == "mixtral"
-    # every token of every step is routed to top_k experts in each sparse layer
-    tokens = 40 + 13 + 2 * (GREEDY.max_tokens - 1)
-    assert all(sum(row) == tokens * spec.top_k for row in counts)
-    assert all(min(row) > 0 for row in counts)
+    sparse = tuple(i for i in range(model.config.num_hidden_layers) if spec.is_sparse(i))
+    assert len(sparse) < model.config.num_hidden_layers or model.config.model_type == "mixtral"
+    llm.generate(random_prompts([40, 13]), GREEDY)
+    first = llm.state().expert_load
+    assert first.layers == sparse
+    tokens = 40 + 13 + 2 * (GREEDY.max_tokens - 1)  # prompts, then a decode per later token
+    assert all(sum(row) == tokens * spec.top_k for row in first.total)
+    assert all(min(row) > 0 for row in first.total)
+    assert first.recent == first.total and first.recent_steps == llm.engine.step_index
+    llm.generate(random_prompts([7], seed=9), GREEDY)
+    state = llm.state()
+    second = state.expert_load
+    assert all(sum(row) == (7 + GREEDY.max_tokens - 1) * spec.top_k for row in second.recent)
+    assert [
+        [a + b for a, b in zip(f, r, strict=True)]
+        for f, r in zip(first.total, second.recent, strict=True)
+    ] == [list(row) for row in second.total]
+    assert second.recent_steps == GREEDY.max_tokens  # one prefill step, then the decodes
+    assert EngineState.from_dict(json.loads(json.dumps(state.to_dict()))) == state

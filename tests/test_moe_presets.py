@@ -66,6 +66,7 @@ def test_qwen3_30b_a3b_one_layer_runs_with_dummy_weights(tmp_path, checkpoint_ro
     llm = LLM(str(tmp_path), load_format="dummy", dtype="bfloat16", tokenizer=str(tokenizer))
     outs = llm.generate([[1, 2, 3, 4, 5], [7, 8]], SamplingParams(max_tokens=2, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [2, 2]
-    layers, counts = llm.engine.model.expert_load()
+    load = llm.state().expert_load
+    layers, counts = load.layers, load.total
     assert layers == (0,) and len(counts[0]) == 128
     assert sum(counts[0]) == (5 + 2 + 2) * 8  # 7 prompt tokens and 2 decodes, 8 experts each

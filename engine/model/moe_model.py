@@ -7,8 +7,8 @@ experts, and Qwen2-MoE's shared expert with its sigmoid gate), of a dense layer 
 (moe.py) on the CPU and the fused Triton kernel (fused_moe.py) on CUDA.
 
 Each block counts the (token, expert) pairs it routes in a device buffer (`routed_tokens`), with no
-host sync; `expert_load()` reads them when the engine state is built. Under CUDA graphs the padding
-rows of a captured batch are routed and counted too.
+host sync; `read_expert_load()` reads them when the engine state is built. Under CUDA graphs the
+padding rows of a captured batch are routed and counted too.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import nn
 from engine.model.llama import MLP, LlamaForCausalLM
 from engine.model.moe import MOE_ARCHITECTURES, MoeSpec, Routing, moe_reference, route
 from engine.quant.checkpoint import QuantConfig, QuantConfigError
+from engine.state import ExpertLoad
 
 # Hugging Face names of expert tensors: one per expert and projection (every published checkpoint,
 # and what transformers 5 writes) or transformers 5's in-memory stacked layout.
@@ -128,6 +129,7 @@ class MoeForCausalLM(LlamaForCausalLM):
             )
         self.moe = MoeSpec.of(config)
         super().__init__(config, quant)
+        self._last_load: tuple[int, torch.Tensor] | None = None  # read_expert_load's last
 
     def make_mlp(self, config, layer_index: int, quant: QuantConfig | None) -> nn.Module:
         if self.moe.is_sparse(layer_index):
@@ -142,12 +144,19 @@ class MoeForCausalLM(LlamaForCausalLM):
             if isinstance(layer.mlp, SparseMoeBlock)
         ]
 
-    def expert_load(self) -> tuple[tuple[int, ...], list[list[int]]]:
-        """-> (sparse layer indices, per layer the pairs routed to each expert so far). One small
-        device-to-host copy."""
+    def read_expert_load(self, step: int) -> ExpertLoad:
+        """The pairs routed so far, and since the previous read (here at engine step `step`):
+        one small device-to-host copy."""
         blocks = self.moe_blocks()
-        counts = torch.stack([b.routed_tokens for _, b in blocks]).tolist()
-        return tuple(i for i, _ in blocks), counts
+        counts = torch.stack([b.routed_tokens for _, b in blocks]).cpu()  # [layers, experts]
+        last_step, last = self._last_load or (0, torch.zeros_like(counts))
+        self._last_load = (step, counts)
+        return ExpertLoad(
+            layers=tuple(i for i, _ in blocks),
+            total=tuple(map(tuple, counts.tolist())),
+            recent=tuple(map(tuple, (counts - last).tolist())),
+            recent_steps=step - last_step,
+        )
 
     @torch.no_grad()
     def load_weights(
@@ -188,6 +197,11 @@ class MoeForCausalLM(LlamaForCausalLM):
             size = self.moe.shared_expert_size
             return shard * size, size
         return super()._shard_range(target, shard)
+
+
+def read_expert_load(model: nn.Module, step: int) -> ExpertLoad | None:
+    """The expert load of a MoE model for EngineState; None for a dense one."""
+    return model.read_expert_load(step) if isinstance(model, MoeForCausalLM) else None
 
 
 def model_class(config) -> type[LlamaForCausalLM]:
