@@ -63,3 +63,18 @@ def test_expert_load_in_engine_state(family_checkpoint):
     ] == [list(row) for row in second.total]
     assert second.recent_steps == GREEDY.max_tokens  # one prefill step, then the decodes
     assert EngineState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+
+
+def test_moe_ngram_speculation_keeps_output_exact(family_checkpoint):
+    """Verification runs several tokens of a sequence through the experts in one step."""
+    base = random_prompts([6], seed=11)[0]
+    prompts = [base * 4, random_prompts([19], seed=12)[0]]  # repeats: the n-gram proposer hits
+    llm = LLM(
+        str(family_checkpoint),
+        block_size=4,
+        speculative={"method": "ngram", "num_tokens": 3},
+    )
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected(family_checkpoint, prompts)
+    assert llm.state().spec_acceptance_rate is not None
+    assert_pool_whole(llm)
