@@ -9,7 +9,7 @@ experts, and Qwen2-MoE's shared expert with its sigmoid gate), of a dense layer 
 Each block counts the (token, expert) pairs it routes in a device buffer (`routed_tokens`), with no
 host sync; `read_expert_load()` reads them when the engine state is built. Under CUDA graphs the
 padding rows of a captured batch are routed and counted too, and so are the warm-up passes before
-capture (in `total` only: the first snapshot's `recent` is the whole count).
+capture (in `total`, and in the first snapshot's `recent`).
 """
 
 from __future__ import annotations
