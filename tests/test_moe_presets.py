@@ -12,21 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.model.builder import parameter_bytes
-from engine.model.moe import MoeSpec
 from engine.model.moe_model import MoeForCausalLM, model_class
-from engine.model.presets import PRESETS, num_parameters, preset_config
+from engine.model.presets import PRESETS, num_active_parameters, num_parameters, preset_config
 
 MOE_PRESETS = {"mixtral-8x7b": 46.7e9, "qwen3-30b-a3b": 30.5e9}
 ACTIVE = {"mixtral-8x7b": 12.9e9, "qwen3-30b-a3b": 3.3e9}  # per token, published
-
-
-def active_parameters(config) -> int:
-    """Parameters a token reads: all but the experts it is not routed to."""
-    spec = MoeSpec.of(config)
-    idle = spec.num_experts - spec.top_k
-    return num_parameters(config) - config.num_hidden_layers * idle * 3 * (
-        config.hidden_size * spec.expert_size
-    )
 
 
 @pytest.mark.parametrize("name", sorted(MOE_PRESETS))
@@ -39,8 +29,11 @@ def test_moe_preset_builds_at_real_shape_on_meta(name):
     count = sum(p.numel() for p in ours.parameters())
     assert count == num_parameters(config) == sum(p.numel() for p in theirs.parameters())
     assert abs(count - MOE_PRESETS[name]) / MOE_PRESETS[name] < 0.01, count
-    active = active_parameters(config)
+    active = num_active_parameters(config)
     assert abs(active - ACTIVE[name]) / ACTIVE[name] < 0.03, active
+    assert num_active_parameters(preset_config("llama-3.1-8b")) == num_parameters(
+        preset_config("llama-3.1-8b")
+    )
 
 
 def test_mixtral_8x7b_fits_one_h200_in_bf16():

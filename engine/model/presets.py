@@ -218,3 +218,15 @@ def num_parameters(config: PretrainedConfig) -> int:
     embedding = config.vocab_size * hidden
     lm_head = 0 if config.tie_word_embeddings else embedding
     return embedding + layers + hidden + lm_head
+
+
+def num_active_parameters(config: PretrainedConfig) -> int:
+    """Parameters one token reads: all of a dense model's; for a MoE model, all but the routed
+    experts it is not sent to (what a batch-1 decode step reads, embeddings aside)."""
+    total = num_parameters(config)
+    if config.model_type not in MOE_ARCHITECTURES.values():
+        return total
+    spec = MoeSpec.of(config)
+    sparse = sum(spec.is_sparse(i) for i in range(config.num_hidden_layers))
+    idle = spec.num_experts - spec.top_k
+    return total - sparse * idle * 3 * config.hidden_size * spec.expert_size
