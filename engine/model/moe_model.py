@@ -33,8 +33,10 @@ _EXPERT_TENSOR = re.compile(
     r"(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight"
 )
 _STACKED_TENSOR = re.compile(r"(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\w+)")
-_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down"}
-_PART["down_proj"] = "down"
+_PART = {
+    **{"w1": "gate", "w3": "up", "w2": "down"},  # Mixtral
+    **{"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},  # Qwen MoEs
+}
 _STACKED_PART = {"gate_up_proj": "gate_up", "down_proj": "down"}
 _MIXTRAL_BLOCK = ".block_sparse_moe."  # Mixtral's name for the MoE block; ours is `.mlp.`
 
@@ -54,7 +56,7 @@ class Experts(nn.Module):
         # The reference reads group sizes on the host, which a CUDA graph cannot capture: CUDA
         # always takes the fused kernel.
         if hidden.is_cuda:
-            from engine.model.fused_moe import fused_moe
+            from engine.model.fused_moe import fused_moe  # triton: imported on first CUDA use
 
             return fused_moe(hidden, self.gate_up, self.down, routing)
         return moe_reference(hidden, self.gate_up, self.down, routing)
