@@ -54,6 +54,7 @@ import torch
 
 from engine.config import EngineConfig, SamplingParams
 from engine.model.builder import parameter_bytes
+from engine.model.presets import num_active_parameters
 
 __all__ = [
     "BenchConfig",
@@ -310,6 +311,7 @@ def _run_benchmark(
             "max_num_seqs": engine_config.max_num_seqs,
             "max_num_tokens": engine_config.max_num_tokens,
             "weight_bytes": parameter_bytes(core.model),
+            "active_parameters": num_active_parameters(core.model.config),  # MoE: per token
             "startup_s": startup_s,
         },
         "system": {**system_info(core.device), "loadavg_before": load_before},

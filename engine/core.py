@@ -37,6 +37,7 @@ from engine.config import EngineConfig, SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv.cache import KVLayout
 from engine.model.builder import LoadedModel, load_model
+from engine.model.moe_model import read_expert_load
 from engine.numeric import cdiv
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import PLACEHOLDER, Request, RequestStatus
@@ -499,7 +500,8 @@ class EngineCore:
         return out
 
     def state(self) -> EngineState:
-        """A snapshot: each owner (KV manager, scheduler, speculator) reports its own part."""
+        """A snapshot: each owner (KV manager, scheduler, speculator, a MoE model's routers)
+        reports its own part."""
         now = time.monotonic()
         return EngineState.assemble(
             kv=self.kv.make_stats(self.scheduler.running),
@@ -515,4 +517,5 @@ class EngineCore:
             kv_cache_dtype=str(self.kv_cache.layout.storage_dtype).removeprefix("torch."),
             total_prompt_tokens=self.total_prompt_tokens,
             total_generated_tokens=self.total_generated_tokens,
+            expert_load=read_expert_load(self.model, self.step_index),
         )

@@ -119,6 +119,25 @@ class SpecState:
 
 
 @dataclass(frozen=True)
+class ExpertLoad:
+    """(token, expert) pairs routed to each expert of each sparse layer of a MoE model: rows in
+    `layers` order, one column per expert."""
+
+    layers: tuple[int, ...]  # the sparse layers' indices
+    total: tuple[tuple[int, ...], ...]  # since the engine started
+    recent: tuple[tuple[int, ...], ...]  # since the previous snapshot
+    recent_steps: int  # engine steps that `recent` covers
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExpertLoad:
+        values = _known(cls, data)
+        for key in ("total", "recent"):
+            values[key] = tuple(tuple(row) for row in values.get(key, ()))
+        values["layers"] = tuple(values.get("layers", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class EngineState:
     step: int
     timestamp: float  # time.time()
@@ -150,6 +169,7 @@ class EngineState:
     spec_draft_time_s: float | None = None  # total time proposing drafts
     spec_verify_time_s: float | None = None  # total time of steps that verified drafts
     kv_cache_dtype: str | None = None  # how KV pages are stored: float8_e4m3fn, int8 or as dtype
+    expert_load: ExpertLoad | None = None  # MoE models only
 
     @classmethod
     def assemble(
@@ -208,6 +228,8 @@ class EngineState:
             last = values.get("last_step")
             values["last_step"] = StepStats.from_dict(last) if last else None
             values["block_map"] = tuple(values.get("block_map", ()))
+            load = values.get("expert_load")
+            values["expert_load"] = ExpertLoad.from_dict(load) if load else None
             return cls(**values)
         except (TypeError, AttributeError) as err:
             raise ValueError(f"not an engine state: {err}") from None

@@ -20,6 +20,7 @@ from panels.hardware import HardwareSample, HardwareSource, SystemHardware
 from panels.widgets import shown
 from panels.widgets.batch_view import BatchView
 from panels.widgets.block_map import OwnerColors
+from panels.widgets.expert_load import ExpertLoadView
 from panels.widgets.hardware_view import HardwareView
 from panels.widgets.kv_view import KvView
 
@@ -41,6 +42,8 @@ What the engine and the machine are doing, sampled every half second or faster.
 - **Batch**: running, waiting and preempted requests (prompt length, generated tokens, blocks
   held, tokens/s), the composition of the last steps (prefill-chunk tokens vs decode tokens) and
   the prompt and generation throughput.
+- **Experts** (MoE models only): a heat map of the tokens routed to each expert (columns) of
+  each sparse layer (rows) since the last sample, from cold (a small share) to hot.
 - **p** pauses the display to look at a moment closely, and resumes it (no samples are taken
   while paused).
 """
@@ -71,6 +74,7 @@ class MonitorPanel(VerticalScroll):
             with Vertical(id="monitor-left"):
                 yield HardwareView(id="monitor-hardware", classes="monitor-box")
                 yield KvView(self.owner_colors, id="monitor-kv", classes="monitor-box")
+                yield ExpertLoadView(id="monitor-experts", classes="monitor-box")
             yield BatchView(self.owner_colors, id="monitor-batch", classes="monitor-box")
 
     def on_mount(self) -> None:
@@ -120,6 +124,7 @@ class MonitorPanel(VerticalScroll):
         if engine and state is not None:
             self.owner_colors.update([r.request_id for r in state.running])
             self.query_one(KvView).show(state, self.step_s)
+            self.query_one(ExpertLoadView).show(state)
             self.query_one(BatchView).show(state, self.step_s)
         self._show_status()
 

@@ -327,6 +327,8 @@ KNOWN_SIZES = {
     "llama-3.2-1b": 1.24e9,
     "qwen2.5-0.5b": 0.49e9,
     "qwen2.5-7b": 7.6e9,
+    "mixtral-8x7b": 46.7e9,
+    "qwen3-30b-a3b": 30.5e9,
 }
 
 

@@ -254,3 +254,64 @@ def cached_tiny_checkpoint(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# Mixture-of-experts families (engine/model/moe_model.py), kept out of FAMILIES so that the dense
+# families' many parametrized tests do not run on them; tests/test_moe_parity.py runs these.
+# - "mixtral":   MixtralConfig, 4 experts top-2 (always renormalised), routing weights in float32.
+# - "qwen2_moe": Qwen2MoeConfig, 8 experts top-2 not renormalised, q/k/v biases, a shared expert
+#                with its sigmoid gate, decoder_sparse_step 2 (layers 1, 3 sparse; 0, 2 dense).
+# - "qwen3_moe": Qwen3MoeConfig, 8 experts top-3 renormalised (norm_topk_prob), q/k RMSNorm,
+#                mlp_only_layers [0] (layer 0 dense).
+from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig  # noqa: E402
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+_FAMILY.update(
+    {
+        "mixtral": (
+            MixtralConfig,
+            {
+                "architectures": ["MixtralForCausalLM"],
+                "intermediate_size": 48,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "rope_theta": 1000000.0,
+                "sliding_window": None,
+                "tie_word_embeddings": False,
+            },
+        ),
+        "qwen2_moe": (
+            Qwen2MoeConfig,
+            {
+                "architectures": ["Qwen2MoeForCausalLM"],
+                "num_hidden_layers": 4,
+                "num_experts": 8,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "shared_expert_intermediate_size": 48,
+                "decoder_sparse_step": 2,
+                "norm_topk_prob": False,
+                "rope_theta": 1000000.0,
+                "tie_word_embeddings": False,
+                "use_sliding_window": False,
+            },
+        ),
+        "qwen3_moe": (
+            Qwen3MoeConfig,
+            {
+                "architectures": ["Qwen3MoeForCausalLM"],
+                "num_hidden_layers": 3,
+                "head_dim": 32,
+                "num_experts": 8,
+                "num_experts_per_tok": 3,
+                "moe_intermediate_size": 32,
+                "norm_topk_prob": True,
+                "mlp_only_layers": [0],
+                "rope_theta": 1000000.0,
+                "tie_word_embeddings": False,
+                "use_sliding_window": False,
+            },
+        ),
+    }
+)

@@ -15,6 +15,7 @@ from engine.model import loader
 from engine.model.dummy import init_dummy_weights
 from engine.model.engine_dir import without_tokenizer
 from engine.model.llama import LlamaForCausalLM
+from engine.model.moe_model import model_class
 from engine.model.presets import PRESETS, preset_config
 from engine.quant.checkpoint import QuantConfig, resolve_quant_config
 
@@ -80,7 +81,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     quant = resolve_quant_config(config.quantization, model_dir, dummy)
     # Build straight on the device in the target dtype: no float32 copy of an 8B model on the host.
     with _default_dtype(dtype), torch.device(device):
-        model = LlamaForCausalLM(hf_config, quant)
+        model = model_class(hf_config)(hf_config, quant)
     if dummy:
         init_dummy_weights(model, seed=config.seed)
     else:

@@ -68,6 +68,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        qkv_bias = qkv_bias or bool(getattr(config, "qkv_bias", False))  # Qwen2-MoE
         hf = f"model.layers.{layer_index}.self_attn."
         self.qkv_proj = make_linear(
             config.hidden_size,
@@ -78,7 +79,7 @@ class Attention(nn.Module):
         )
         o_bias = bool(getattr(config, "attention_bias", False))
         self.o_proj = make_linear(self.q_size, [config.hidden_size], o_bias, quant, [hf + "o_proj"])
-        self.qk_norm = config.model_type == "qwen3"
+        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -108,10 +109,17 @@ class MLP(nn.Module):
     fused = False  # CUDA: SiLU-and-mul in one kernel (engine/kernels/activation.py)
     down_inv_scale: torch.Tensor | None = None  # fused only: SiLU-and-mul's output in e4m3
 
-    def __init__(self, config, layer_index: int = 0, quant: QuantConfig | None = None) -> None:
+    def __init__(
+        self,
+        config,
+        layer_index: int = 0,
+        quant: QuantConfig | None = None,
+        intermediate_size: int | None = None,  # a MoE's shared expert has its own
+        hf_name: str = "mlp",
+    ) -> None:
         super().__init__()
-        self.intermediate_size = size = config.intermediate_size
-        hf = f"model.layers.{layer_index}.mlp."
+        self.intermediate_size = size = intermediate_size or config.intermediate_size
+        hf = f"model.layers.{layer_index}.{hf_name}."
         self.gate_up_proj = make_linear(
             config.hidden_size, [size, size], False, quant, [hf + "gate_proj", hf + "up_proj"]
         )
@@ -126,12 +134,18 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_index: int, quant: QuantConfig | None = None) -> None:
+    def __init__(
+        self,
+        config,
+        layer_index: int,
+        quant: QuantConfig | None = None,
+        mlp: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_index, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, layer_index, quant)
+        self.mlp = MLP(config, layer_index, quant) if mlp is None else mlp
 
     def forward(
         self, hidden, residual, rotary, positions, kv_cache, meta
@@ -173,7 +187,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.model.layers = nn.ModuleList(
-            DecoderLayer(config, i, quant) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, quant, self.make_mlp(config, i, quant))
+            for i in range(config.num_hidden_layers)
         )
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not self.tie_word_embeddings:
@@ -181,6 +196,10 @@ class LlamaForCausalLM(nn.Module):
         first = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         self.rotary = RotaryEmbedding(config, self.head_dim)
+
+    def make_mlp(self, config, layer_index: int, quant: QuantConfig | None) -> nn.Module:
+        """The feed-forward block of layer `layer_index`; MoE models (moe_model.py) override it."""
+        return MLP(config, layer_index, quant)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -227,12 +246,18 @@ class LlamaForCausalLM(nn.Module):
         return out.copy_(F.linear(hidden, self.lm_head_weight))
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        loaded_elsewhere: frozenset[str] = frozenset(),
+    ) -> None:
         """Copy Hugging Face-named tensors into our (partly fused) parameters; every parameter
         must be covered exactly once, or the load fails naming what is missing. Tensors of a
-        quantized projection (weight, weight_scale, input_scale, ...) go to its QuantLinear."""
+        quantized projection (weight, weight_scale, input_scale, ...) go to its QuantLinear.
+        The modules named in `loaded_elsewhere` (MoE experts) are the caller's to fill."""
         quantized = {n: m for n, m in self.named_modules() if isinstance(m, QuantLinear)}
-        params = {n: p for n, p in self.named_parameters() if n.rpartition(".")[0] not in quantized}
+        skip = quantized.keys() | loaded_elsewhere
+        params = {n: p for n, p in self.named_parameters() if n.rpartition(".")[0] not in skip}
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:

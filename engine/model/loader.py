@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from .moe import MOE_ARCHITECTURES
 from .presets import PRESETS, preset_config
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"  # engine/bundled/<name>/
@@ -27,13 +28,14 @@ BUNDLED_MODELS = ("tiny", "tiny-draft")
 
 SUPPORTED_ARCHITECTURES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
-)
+) | frozenset(MOE_ARCHITECTURES)
 # For configs that name no architecture (some hand-written or converted ones).
 _ARCHITECTURE_OF_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    **{model_type: arch for arch, model_type in MOE_ARCHITECTURES.items()},
 }
 
 # What a Hub download fetches: config, weights, tokenizer and chat template; never .bin/.pth

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from engine.outputs import RequestOutput
+from engine.server.expert_metrics import expert_load_metrics
 from engine.state import EngineState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -86,6 +87,8 @@ class _StateCollector(Collector):
                 "Draft tokens accepted per verify.",
                 s.spec_mean_accepted,
             )
+        if s.expert_load is not None:
+            yield from expert_load_metrics(s.expert_load, PREFIX, labels, values)
 
 
 class ServerMetrics:
