@@ -15,6 +15,7 @@ import jsonschema
 import openai
 import pytest
 import torch
+from server_support import wait_idle, wait_running
 
 from engine import LLM, AsyncLLM, SamplingParams
 from engine.server import BackgroundServer, ServerSettings, create_app
@@ -63,18 +64,6 @@ def http(server) -> Iterator[httpx.Client]:
 def greedy(reference: LLM, prompts: list[str], max_tokens: int) -> list[str]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     return [out.text for out in reference.generate(prompts, params)]
-
-
-def wait_idle(http: httpx.Client, timeout: float = 20.0) -> dict:
-    """The engine state once nothing runs or waits and no block is held."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state = http.get("/v1/engine/state").json()
-        idle = not state["running"] and not state["waiting"] and not state["preempted"]
-        if idle and state["kv_blocks_used"] == 0:
-            return state
-        assert time.monotonic() < deadline, f"engine still busy: {state['running']}"
-        time.sleep(0.05)
 
 
 # --- basics -----------------------------------------------------------------------------------
@@ -267,14 +256,6 @@ def test_32_concurrent_streams_complete_with_the_right_texts(server, reference, 
 
     assert asyncio.run(run()) == expected
     wait_idle(http)
-
-
-def wait_running(http: httpx.Client, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while not (state := http.get("/v1/engine/state").json())["running"]:
-        assert time.monotonic() < deadline, "the request never ran"
-        time.sleep(0.02)
-    return state
 
 
 def test_disconnect_mid_stream_frees_the_requests_blocks(server, http):

@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.server.context import ServerContext
-from engine.server.errors import bad_request
+from engine.server.errors import bad_request, check_encodable
 from engine.server.params import resolve_max_tokens, sampling_params, structured_spec
 from engine.server.prompts import floor_logprob
 from engine.server.protocol import (
@@ -33,10 +33,11 @@ from engine.server.streams import StreamProgress, SubRequest, cached_prompt_toke
 async def create_chat_completion(
     ctx: ServerContext, req: ChatCompletionRequest, raw: Request
 ) -> ChatCompletionResponse | Response:
+    check_encodable(req, "")
     ctx.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
-    prompt = ctx.prompts.chat(req.messages, req.chat_template_kwargs)
+    prompt = await ctx.prompts.off_loop(ctx.prompts.chat, req.messages, req.chat_template_kwargs)
     spec = structured_spec(req)
     # OpenAI's newer name wins; the 400 names whichever field the client used.
     newer = req.max_completion_tokens is not None
@@ -49,7 +50,12 @@ async def create_chat_completion(
         prompt_param="messages",
     )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, structured=spec)
+    renamed = {"logprobs": "top_logprobs"}
+    if newer:
+        renamed["max_tokens"] = "max_completion_tokens"
+    params = sampling_params(
+        req, max_tokens=max_tokens, logprobs=logprobs, structured=spec, renamed=renamed
+    )
     request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
     subs = [SubRequest(i, prompt, p, f"{request_id}-{i}") for i, p in enumerate(params)]
     await ctx.compile(spec)
@@ -89,7 +95,7 @@ async def create_chat_completion(
             )
             return (chunk([], usage),)
 
-        return ctx.stream(subs, req.priority, chunks, first=first, last=last)
+        return ctx.stream(raw, subs, req.priority, chunks, first=first, last=last)
 
     finals = await ctx.collect(raw, subs, req.priority)
     choices = [

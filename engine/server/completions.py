@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.server.context import ServerContext
-from engine.server.errors import bad_request
+from engine.server.errors import bad_request, check_encodable
 from engine.server.params import resolve_max_tokens, sampling_params, structured_spec
 from engine.server.prompts import floor_logprob
 from engine.server.protocol import (
@@ -24,17 +24,25 @@ from engine.server.protocol import (
 from engine.server.streams import StreamProgress, SubRequest, cached_prompt_tokens
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+MAX_CHOICES = 1024  # engine requests one API request may start (prompts times n)
 
 
 async def create_completion(
     ctx: ServerContext, req: CompletionRequest, raw: Request
 ) -> CompletionResponse | Response:
+    check_encodable(req, "")
     ctx.check_model(req.model)
     if req.echo:
         raise bad_request("echo is not supported", param="echo")
     if req.suffix:
         raise bad_request("suffix is not supported", param="suffix")
-    prompts = ctx.prompts.completion(req)
+    prompts = await ctx.prompts.off_loop(ctx.prompts.completion, req)
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise bad_request(
+            f"{len(prompts)} prompts times n={req.n} make {len(prompts) * req.n} choices; at "
+            f"most {MAX_CHOICES} are allowed",
+            param="n" if req.n > 1 else "prompt",
+        )
     spec = structured_spec(req)
     request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
     subs: list[SubRequest] = []
@@ -85,7 +93,7 @@ async def create_completion(
                 ),
             )
 
-        return ctx.stream(subs, req.priority, chunks, last=last)
+        return ctx.stream(raw, subs, req.priority, chunks, last=last)
 
     finals = await ctx.collect(raw, subs, req.priority)
     choices = []
