@@ -35,6 +35,7 @@ from engine.kv.cache import KVCache, KVLayout
 from engine.kv.manager import KVCacheManager
 from engine.model.builder import LoadedModel, load_model
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from engine.prompt_logprobs import offsets_to_score, prompt_logprobs_of, run_scoring_prompts
 from engine.quant.kv_scales import kv_quant_for
 from engine.request import PLACEHOLDER, Request, RequestStatus
 from engine.runner import InputPatch, ModelRunner, SeqChunk
@@ -64,6 +65,7 @@ def needs_each_token(params: SamplingParams, constrained: bool) -> bool:
     grammars read the tokens' values, min_tokens bans may leave a row no token to feed on.)"""
     return (
         constrained
+        or params.prompt_logprobs is not None  # scored on the plain step path only
         or params.repetition_penalty != 1.0
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0
@@ -288,7 +290,8 @@ class EngineCore:
                 self.speculator.after_step({})
             return outputs
         start, chunks = self._start_step(batch)
-        logits = self.runner.run(chunks, len(batch.decodes))  # [sum num_logits, vocab]
+        # [sum num_logits, vocab]; prompt logprobs recorded on their requests
+        logits = run_scoring_prompts(self.runner, batch.scheduled, chunks, len(batch.decodes))
         new_tokens, rejected = self._sample(batch, chunks, logits)
         now = time.monotonic()
         for request, (tokens, _) in new_tokens.items():
@@ -388,6 +391,7 @@ class EngineCore:
             start=start,
             block_table=self.kv.block_ids(request.request_id),
             num_logits=(1 + num_spec) if reaches_end else 0,
+            score_offsets=offsets_to_score(request, start, end),
         )
 
     def _sample(
@@ -528,6 +532,7 @@ class EngineCore:
             delta_token_ids=token_ids[sent_tokens:],
             delta_text=delta_text,
             logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs_of(request),
             finished=finished,
             finish_reason=request.status.value if finished else None,
             stop_reason=request.stop_reason,

@@ -21,6 +21,8 @@ class SeqChunk(NamedTuple):
     start: int  # position of token_ids[0]; the tokens before it are in the cache
     block_table: list[int]  # covers start + len(token_ids) tokens
     num_logits: int  # how many of the last positions need logits (0: a mid-prompt chunk)
+    # offsets into token_ids whose logits score prompt tokens (engine/prompt_logprobs.py)
+    score_offsets: range = range(0)
 
 
 class InputPatch(NamedTuple):
@@ -111,3 +113,19 @@ class ModelRunner:
             patch.apply(batch.input_ids)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, batch.meta)
         return self.model.logits(hidden[batch.logits_indices])
+
+    @torch.inference_mode()
+    def run_with_prompt_logits(
+        self, chunks: list[SeqChunk], num_decodes: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (run's logits, the logits [sum of len(score_offsets), vocab] float32 of the
+        chunks' score_offsets positions, in chunk order). Eager: prefill steps have no graph."""
+        batch = self.prepare(chunks, num_decodes)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, batch.meta)
+        rows: list[int] = []
+        start = 0
+        for chunk in chunks:
+            rows.extend(start + offset for offset in chunk.score_offsets)
+            start += len(chunk.token_ids)
+        scored = hidden[to_device(rows, torch.int64, self.device)]  # [num_scored, hidden]
+        return self.model.logits(hidden[batch.logits_indices]), self.model.logits(scored)
