@@ -76,6 +76,7 @@ def sampling_params(
     logprobs: int | None,
     structured: StructuredSpec | None,
     renamed: dict[str, str] | None = None,
+    prompt_logprobs: int | None = None,
 ) -> list[SamplingParams]:
     """One SamplingParams per choice (n of them); choice i is seeded with seed + i. `renamed`:
     engine field -> the request field it came from, so a 400 names what the client sent."""
@@ -102,6 +103,7 @@ def sampling_params(
         "ignore_eos": req.ignore_eos,
         "min_tokens": req.min_tokens or 0,
         "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
         "skip_special_tokens": req.skip_special_tokens,
     }
     if structured is not None:

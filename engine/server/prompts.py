@@ -74,13 +74,7 @@ class Prompts:
 
     def completion(self, req: CompletionRequest) -> list[list[int]]:
         """The request's prompts (one, or a batch) as token ids (call through `off_loop`)."""
-        prompt = req.prompt
-        if isinstance(prompt, str):
-            batch: list[str | list[int]] = [prompt]
-        elif prompt and all(isinstance(p, int) for p in prompt):
-            batch = [list(prompt)]  # type: ignore[arg-type]
-        else:
-            batch = list(prompt)  # type: ignore[arg-type]
+        batch = _batch(req)
         if not batch:
             raise bad_request("the prompt is empty", param="prompt")
         return [self._ids(p) for p in batch]
@@ -103,6 +97,16 @@ class Prompts:
                 param="prompt",
             )
         return ids
+
+    def texts(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """Each prompt as text, for echo: a text prompt as sent, token ids decoded."""
+        texts = []
+        for given, ids in zip(_batch(req), prompts, strict=True):
+            if isinstance(given, str):
+                texts.append(given)
+            else:
+                texts.append(self.tokenizer.decode(ids) if self.tokenizer is not None else "")
+        return texts
 
     def chat(
         self, messages: list[ChatMessageIn], template_kwargs: dict[str, Any] | None
@@ -172,6 +176,16 @@ class Prompts:
             text = self._decoder.decode([token_id]) if self._decoder is not None else ""
             self._token_text[token_id] = text
         return text
+
+
+def _batch(req: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: one text, one token-id list, or a batch of either."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
 
 
 def longest_token_bytes(tokenizer: Any) -> int:
