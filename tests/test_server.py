@@ -404,3 +404,41 @@ def test_metrics_state_and_openapi(http, client):
         assert path in paths
     assert "422" not in json.dumps(paths)
     assert schema["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+
+
+# --- tokenize -----------------------------------------------------------------------------------
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes(http, reference):
+    tokenizer = reference.tokenizer
+    text = "héllo <|im_start|> world"
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": text, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tokenizer.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == ENGINE["max_model_len"]
+    assert body["token_strs"] == tokenizer.convert_ids_to_tokens(body["tokens"])
+    plain = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert plain["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    assert plain["token_strs"] is None
+    messages = [{"role": "user", "content": "hi"}]
+    chat = http.post("/tokenize", json={"messages": messages}).json()
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat["tokens"] == tokenizer.encode(rendered, add_special_tokens=False)
+    bare = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False})
+    assert len(bare.json()["tokens"]) < chat["count"]
+    # Counting is allowed past max_model_len (nothing is generated).
+    long = http.post("/tokenize", json={"prompt": "x" * 2000}).json()
+    assert long["count"] == len(tokenizer.encode("x" * 2000)) > ENGINE["max_model_len"]
+    back = http.post("/detokenize", json={"model": MODEL, "tokens": body["tokens"]})
+    assert back.json() == {"prompt": tokenizer.decode(body["tokens"])}
+    for path, payload, param in [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "x", "messages": messages}, "prompt"),
+        ("/detokenize", {"tokens": [10**7]}, "tokens"),
+    ]:
+        error = http.post(path, json=payload)
+        assert error.status_code == 400 and error.json()["error"]["param"] == param
+    assert http.post("/tokenize", json={"model": "other", "prompt": "x"}).status_code == 404
+    models = http.get("/v1/models").json()["data"][0]
+    assert models["max_model_len"] == ENGINE["max_model_len"]

@@ -28,12 +28,17 @@ from engine.server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EngineStateResponse,
     HealthResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from engine.server.streams import ClientDisconnected
+from engine.server.tokenization import detokenize, tokenize
 
 _UNAUTHORIZED = {
     "description": "Missing or wrong API key",
@@ -119,6 +124,14 @@ def create_app(llm: AsyncLLM, settings: ServerSettings, shutdown_engine: bool = 
     )
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Any:
         return await create_chat_completion(ctx, body, raw)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
+        return await tokenize(ctx, body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await detokenize(ctx, body)
 
     app.openapi = lambda: _openapi(app, secured=bool(settings.api_key))  # type: ignore[method-assign]
     return app

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import json
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -109,48 +110,44 @@ class Prompts:
         return texts
 
     def chat(
-        self, messages: list[ChatMessageIn], template_kwargs: dict[str, Any] | None
+        self,
+        messages: list[ChatMessageIn],
+        template_kwargs: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        limited: bool = True,
     ) -> list[int]:
-        """The messages through the chat template, as token ids (call through `off_loop`)."""
+        """The messages (and tools) through the chat template, as token ids (call through
+        `off_loop`). As engine.llm.render_chat, no special tokens are added by default: the
+        template writes any BOS itself."""
         if not messages:
             raise bad_request("messages must not be empty", param="messages")
-        rendered: list[dict[str, str]] = []
-        for message in messages:
-            content = message.content
-            if isinstance(content, list):
-                texts = []
-                for part in content:
-                    if part.type != "text" or part.text is None:
-                        raise bad_request(
-                            f"only text content parts are supported, got {part.type!r}",
-                            param="messages",
-                        )
-                    texts.append(part.text)
-                content = "".join(texts)
-            entry = {"role": message.role, "content": content or ""}
-            if message.name is not None:
-                entry["name"] = message.name
-            rendered.append(entry)
+        rendered = [template_message(m, i) for i, m in enumerate(messages)]
         tokenizer = self.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise bad_request("this model has no chat template", param="messages")
+        kwargs = dict(template_kwargs or {})
+        if tools:
+            kwargs["tools"] = tools
         try:
             text = tokenizer.apply_chat_template(
-                rendered, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+                rendered, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
             )
         except Exception as exc:  # a template can raise anything (jinja, TypeError on kwargs)
             raise bad_request(
                 f"the chat template failed: {type(exc).__name__}: {exc}", param="messages"
             ) from None
-        # As engine.llm.render_chat: the template writes any BOS itself.
-        ids = self.encode(text, add_special_tokens=False, param="messages")
+        ids = self.encode(text, add_special_tokens, "messages", limited)
         if not ids:
             raise bad_request("the rendered chat prompt is empty", param="messages")
         return ids
 
-    def encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
-        """`text` as token ids; 400 (context_length_exceeded) when it has more than
-        max_model_len tokens. Cheap for a huge text: every token stands for at most
+    def encode(
+        self, text: str, add_special_tokens: bool, param: str, limited: bool = True
+    ) -> list[int]:
+        """`text` as token ids; with `limited`, 400 (context_length_exceeded) when it has more
+        than max_model_len tokens. Cheap for a huge text: every token stands for at most
         max_token_bytes bytes of text (tokenizers that decode back to the text: byte-level BPE,
         SentencePiece with byte fallback), so a text longer than max_model_len * max_token_bytes
         * SHRINK_MARGIN bytes cannot fit and is refused untokenized; otherwise a fast tokenizer
@@ -158,7 +155,7 @@ class Prompts:
         list (converting millions of ids holds the GIL for seconds)."""
         num_bytes = len(text.encode("utf-8"))
         at_least = num_bytes // (self.max_token_bytes * SHRINK_MARGIN)
-        if at_least > self.max_model_len:
+        if limited and at_least > self.max_model_len:
             raise prompt_too_long(self.max_model_len, at_least, param, at_least=True)
         tokenizer = self.tokenizer
         backend = getattr(tokenizer, "_tokenizer", None)
@@ -166,9 +163,17 @@ class Prompts:
             return tokenizer.encode(text, add_special_tokens=add_special_tokens)
         # What PreTrainedTokenizerFast.encode runs, minus the BatchEncoding.
         encoding = backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
-        if len(encoding) > self.max_model_len:
+        if limited and len(encoding) > self.max_model_len:
             raise prompt_too_long(self.max_model_len, len(encoding), param)
         return encoding.ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Token ids to text, special tokens included (call through `off_loop`)."""
+        return self.tokenizer.decode(token_ids)
+
+    def token_strs(self, token_ids: list[int]) -> list[str]:
+        """Each id's vocabulary string (call through `off_loop`)."""
+        return self.tokenizer.convert_ids_to_tokens(token_ids)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -176,6 +181,41 @@ class Prompts:
             text = self._decoder.decode([token_id]) if self._decoder is not None else ""
             self._token_text[token_id] = text
         return text
+
+
+def template_message(message: ChatMessageIn, index: int) -> dict[str, Any]:
+    """One API message as chat templates take it (transformers' convention): text content,
+    tool calls with their arguments as a dict, the call id a tool message answers."""
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.type != "text" or part.text is None:
+                raise bad_request(
+                    f"only text content parts are supported, got {part.type!r}",
+                    param=f"messages.{index}.content",
+                )
+            texts.append(part.text)
+        content = "".join(texts)
+    entry: dict[str, Any] = {"role": message.role, "content": content or ""}
+    if message.name is not None:
+        entry["name"] = message.name
+    if message.tool_call_id is not None:
+        entry["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        calls = []
+        for j, call in enumerate(message.tool_calls):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except json.JSONDecodeError:
+                raise bad_request(
+                    f"tool call arguments must be JSON text, got {call.function.arguments!r}",
+                    param=f"messages.{index}.tool_calls.{j}.function.arguments",
+                ) from None
+            function = {"name": call.function.name, "arguments": arguments}
+            calls.append({"id": call.id, "type": "function", "function": function})
+        entry["tool_calls"] = calls
+    return entry
 
 
 def _batch(req: CompletionRequest) -> list[str | list[int]]:
