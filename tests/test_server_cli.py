@@ -18,6 +18,7 @@ import pytest
 
 from engine.server import InsecureBindError, check_bind
 from engine.server.context import DEFAULT_MAX_REQUEST_BYTES
+from engine.server.tool_parsers import PARSERS
 from workbench import serve_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +59,9 @@ def test_options_and_refusal_before_the_model_loads(monkeypatch):
     assert (
         args.max_request_bytes == serve_cmd.DEFAULT_MAX_REQUEST_BYTES == DEFAULT_MAX_REQUEST_BYTES
     )
+    assert args.tool_call_parser is None
+    assert set(serve_cmd.TOOL_CALL_PARSERS) == set(PARSERS)
+    assert parse("--tool-call-parser", "hermes").tool_call_parser == "hermes"
     assert args.func is serve_cmd.run
     refused = parse("--host", "0.0.0.0", "--model", "/no/such/model")
     with pytest.raises(InsecureBindError):  # not a model-loading error: checked first

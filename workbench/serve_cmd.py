@@ -16,7 +16,9 @@ from typing import Any
 from workbench.cli import API_KEY_ENV
 
 DEFAULT_MAX_QUEUE = 256
-DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20  # engine.server.context's default (not imported: slow)
+# engine.server's own values, not imported here: engine.server imports torch, slow for --help.
+DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
+TOOL_CALL_PARSERS = ("hermes", "llama3", "mistral")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -53,6 +55,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_MAX_REQUEST_BYTES,
         help=f"larger request bodies are answered 413 (default: {DEFAULT_MAX_REQUEST_BYTES})",
     )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        help='reads tool calls out of replies for tool_choice "auto" (default: none, so "auto" '
+        'is refused; "required" and named functions work without one)',
+    )
     g.add_argument("--served-model-name", help="the model id clients send (default: --model)")
     g.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
@@ -83,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         max_queue=None if args.max_queue == -1 else args.max_queue,
         max_request_bytes=args.max_request_bytes,
+        tool_call_parser=args.tool_call_parser,
     )
     app = create_app(llm, settings, shutdown_engine=True)
     serve(app, args.host, args.port, log_level=args.log_level)

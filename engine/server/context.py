@@ -27,6 +27,7 @@ from engine.server.streams import (
     sse,
     unless_disconnected,
 )
+from engine.server.tool_parsers import make_parser
 from engine.structured import StructuredSpec
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
@@ -42,6 +43,9 @@ class ServerSettings:
     max_queue: int | None = None
     # Larger bodies are answered 413 before they are parsed.
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    # Reads tool calls out of replies for tool_choice "auto" (engine/server/tool_parsers.py);
+    # None: "auto" is a 400.
+    tool_call_parser: str | None = None
 
 
 class Admission:
@@ -73,6 +77,8 @@ class ServerContext:
         self.settings = settings
         self.created = int(time.time())
         self.max_model_len: int = llm.engine.max_model_len
+        parser = settings.tool_call_parser
+        self.tool_parser = make_parser(parser) if parser is not None else None
         self.prompts = Prompts(llm.tokenizer, llm.engine.vocab_size, self.max_model_len)
         self.metrics = ServerMetrics(llm.state, settings.model_name)
         capacity = None
@@ -119,7 +125,7 @@ class ServerContext:
                 code="model_not_found",
             )
 
-    async def compile(self, spec: StructuredSpec | None) -> None:
+    async def compile(self, spec: StructuredSpec | None, param: str = "response_format") -> None:
         """Compile the grammar off the event loop (the engine then finds it cached); 400 if it
         does not compile."""
         if spec is None:
@@ -130,7 +136,7 @@ class ServerContext:
         try:
             await asyncio.to_thread(backend.compile, spec)
         except ValueError as exc:
-            raise bad_request(str(exc), param="response_format") from None
+            raise bad_request(str(exc), param=param) from None
 
     async def collect(
         self, raw: Request, subs: list[SubRequest], priority: int
