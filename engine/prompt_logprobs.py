@@ -14,7 +14,8 @@ scored (positions it scored before are not scored twice). Its own pages still go
 cache for other requests.
 
 Values are the raw model's log_softmax in float32 (no temperature or penalties), like the
-sampled tokens' logprobs.
+sampled tokens' logprobs. Logits are taken SCORE_ROWS positions at a time: a whole 2k-token
+chunk's would be [2048, vocab] float32, 1 GiB at a 128k vocabulary.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from engine.request import Request
 if TYPE_CHECKING:  # the scheduler imports this module
     from engine.runner import ModelRunner, SeqChunk
     from engine.scheduler import ScheduledRequest
+
+SCORE_ROWS = 256
 
 
 def num_unscored(request: Request) -> int:
@@ -57,6 +60,7 @@ def usable_prefix(cached: CachedPrefix, request: Request, block_size: int) -> Ca
     return CachedPrefix(cached.blocks[:num_blocks], num_blocks * block_size)
 
 
+@torch.inference_mode()
 def run_scoring_prompts(
     runner: ModelRunner,
     scheduled: list[ScheduledRequest],
@@ -66,17 +70,18 @@ def run_scoring_prompts(
     """`runner.run`, recording the prompt logprobs the chunks score on their requests."""
     if not any(chunk.score_offsets for chunk in chunks):
         return runner.run(chunks, num_decodes)
-    logits, prompt_logits = runner.run_with_prompt_logits(chunks, num_decodes)
+    logits, hidden = runner.run_with_prompt_hidden(chunks, num_decodes)  # hidden: [scored, h]
     row = 0
     for (request, _), chunk in zip(scheduled, chunks, strict=True):
         count = len(chunk.score_offsets)
-        if not count:
-            continue
-        first = chunk.start + chunk.score_offsets[0]
-        targets = request.all_token_ids[first + 1 : first + 1 + count]
-        request.prompt_logprobs.extend(
-            score(prompt_logits[row : row + count], targets, request.params.prompt_logprobs or 0)
-        )
+        first = chunk.start + chunk.score_offsets[0] if count else 0
+        for lo in range(0, count, SCORE_ROWS):
+            hi = min(lo + SCORE_ROWS, count)
+            targets = request.all_token_ids[first + 1 + lo : first + 1 + hi]
+            rows = runner.model.logits(hidden[row + lo : row + hi])  # [hi - lo, vocab]
+            request.prompt_logprobs.extend(
+                score(rows, targets, request.params.prompt_logprobs or 0)
+            )
         row += count
     return logits
 

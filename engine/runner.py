@@ -115,11 +115,12 @@ class ModelRunner:
         return self.model.logits(hidden[batch.logits_indices])
 
     @torch.inference_mode()
-    def run_with_prompt_logits(
+    def run_with_prompt_hidden(
         self, chunks: list[SeqChunk], num_decodes: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (run's logits, the logits [sum of len(score_offsets), vocab] float32 of the
-        chunks' score_offsets positions, in chunk order). Eager: prefill steps have no graph."""
+        """-> (run's logits, the final hidden states [sum of len(score_offsets), hidden] of the
+        chunks' score_offsets positions, in chunk order; their logits are the caller's to take,
+        a slice at a time). Eager: prefill steps have no graph."""
         batch = self.prepare(chunks, num_decodes)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, batch.meta)
         rows: list[int] = []
@@ -128,4 +129,4 @@ class ModelRunner:
             rows.extend(start + offset for offset in chunk.score_offsets)
             start += len(chunk.token_ids)
         scored = hidden[to_device(rows, torch.int64, self.device)]  # [num_scored, hidden]
-        return self.model.logits(hidden[batch.logits_indices]), self.model.logits(scored)
+        return self.model.logits(hidden[batch.logits_indices]), scored

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import _hf_model, assert_pool_whole, hf_greedy, random_prompts
 
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, prompt_logprobs
 
 TOL = 1e-4
 
@@ -39,8 +39,14 @@ def assert_exact(path, prompt: list[int], got, num_top: int) -> None:
             assert entry.top is None
 
 
-@pytest.mark.parametrize("max_num_tokens", [256, 7])  # one chunk, and chunked prefill
-def test_prompt_logprobs_equal_transformers(llama_checkpoint, max_num_tokens):
+@pytest.mark.parametrize(
+    ("max_num_tokens", "score_rows"),
+    [(256, 256), (7, 256), (256, 5)],  # one chunk, chunked prefill, logits taken 5 rows at a time
+)
+def test_prompt_logprobs_equal_transformers(
+    llama_checkpoint, max_num_tokens, score_rows, monkeypatch
+):
+    monkeypatch.setattr(prompt_logprobs, "SCORE_ROWS", score_rows)
     llm = LLM(str(llama_checkpoint), dtype="float32", block_size=4, max_num_tokens=max_num_tokens)
     prompts = random_prompts([1, 2, 23, 40], seed=11)
     params = SamplingParams(max_tokens=3, prompt_logprobs=3, ignore_eos=True)
