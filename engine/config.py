@@ -36,6 +36,8 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # top-n logprobs per generated token (0: only the chosen one)
+    # top-n logprobs of each prompt token after the first (0: only its own); engine/prompt_logprobs
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured: StructuredSpec | None = None  # grammar the output must match (engine/structured.py)
 
@@ -74,6 +76,10 @@ class SamplingParams:
         _check(
             self.logprobs is None or 0 <= self.logprobs <= 20,
             f"logprobs must be None or in [0, 20], got {self.logprobs}",
+        )
+        _check(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+            f"prompt_logprobs must be None or in [0, 20], got {self.prompt_logprobs}",
         )
         _check(
             all(isinstance(s, str) and s for s in self.stop),

@@ -40,6 +40,7 @@ from engine.model.builder import LoadedModel, load_model
 from engine.model.moe_model import read_expert_load
 from engine.numeric import cdiv
 from engine.outputs import RequestOutput, TokenLogprob
+from engine.prompt_logprobs import offsets_to_score, run_scoring_prompts
 from engine.request import PLACEHOLDER, Request, RequestStatus
 from engine.request_stream import RequestStream
 from engine.runner import InputPatch, SeqChunk
@@ -71,6 +72,7 @@ def needs_each_token(params: SamplingParams, constrained: bool) -> bool:
     grammars read the tokens' values, min_tokens bans may leave a row no token to feed on.)"""
     return (
         constrained
+        or params.prompt_logprobs is not None  # scored on the plain step path only
         or params.repetition_penalty != 1.0
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0
@@ -271,7 +273,8 @@ class EngineCore:
             self.speculator.after_step({})
             return outputs
         start, chunks = self._start_step(batch)
-        logits = self.runner.run(chunks, len(batch.decodes))  # [sum num_logits, vocab]
+        # [sum num_logits, vocab]; prompt logprobs recorded on their requests
+        logits = run_scoring_prompts(self.runner, batch.scheduled, chunks, len(batch.decodes))
         new_tokens, rejected = self._sample(batch, chunks, logits)
         return outputs + self._update(batch, new_tokens, rejected, start)
 
@@ -401,6 +404,7 @@ class EngineCore:
             start=start,
             block_table=self.kv.block_ids(request.request_id),
             num_logits=(1 + num_spec) if reaches_end else 0,
+            score_offsets=offsets_to_score(request, start, end),
         )
 
     def _sample(

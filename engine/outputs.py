@@ -10,6 +10,7 @@ class TokenLogprob(NamedTuple):
     token_id: int
     logprob: float
     top: list[tuple[int, float]] | None  # the top-n (token id, logprob), best first
+    rank: int | None = None  # 1 + the tokens more likely than it (prompt logprobs only)
 
 
 @dataclass
@@ -40,6 +41,8 @@ class RequestOutput:
     delta_token_ids: list[int] = field(default_factory=list)  # new since the last output
     delta_text: str = ""
     logprobs: list[TokenLogprob] | None = None
+    # params.prompt_logprobs set: one per prompt token, None for the first (nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finished: bool = False
     finish_reason: str | None = None  # stop | length | abort | error
     stop_reason: str | int | None = None  # the stop string or stop token id that matched

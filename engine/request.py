@@ -45,6 +45,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)  # scored prompt tokens (prompt_logprobs.py)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     spec_token_ids: list[int] = field(default_factory=list)  # drafts to verify this step
     spec_probs: torch.Tensor | None = None  # [len(spec_token_ids), vocab] draft distributions

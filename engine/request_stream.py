@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import RequestMetrics, RequestOutput
+from engine.prompt_logprobs import prompt_logprobs_of
 from engine.request import Request, RequestStatus
 from engine.stop import Stop, check_stop
 from engine.structured import RequestGrammar
@@ -72,6 +73,7 @@ class RequestStream:
             delta_token_ids=token_ids[sent:],
             delta_text=delta_text,
             logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs_of(request),
             finished=finished,
             finish_reason=request.status.value if finished else None,
             stop_reason=request.stop_reason,

@@ -24,6 +24,8 @@ class SeqChunk(NamedTuple):
     start: int  # position of token_ids[0]; the tokens before it are in the cache
     block_table: list[int]  # covers start + len(token_ids) tokens
     num_logits: int  # how many of the last positions need logits (0: a mid-prompt chunk)
+    # offsets into token_ids whose logits score prompt tokens (engine/prompt_logprobs.py)
+    score_offsets: range = range(0)
 
 
 def token_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
@@ -122,3 +124,20 @@ class ModelRunner:
             patch.apply(batch.input_ids)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, batch.meta)
         return self.model.logits(hidden[batch.logits_indices])
+
+    @torch.inference_mode()
+    def run_with_prompt_hidden(
+        self, chunks: list[SeqChunk], num_decodes: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (run's logits, the final hidden states [sum of len(score_offsets), hidden] of the
+        chunks' score_offsets positions, in chunk order; their logits are the caller's to take,
+        a slice at a time). Eager: prefill steps have no graph."""
+        batch = self.prepare(chunks, num_decodes)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache.layers, batch.meta)
+        rows: list[int] = []
+        start = 0
+        for chunk in chunks:
+            rows.extend(start + offset for offset in chunk.score_offsets)
+            start += len(chunk.token_ids)
+        scored = hidden[to_device(rows, torch.int64, self.device)]  # [num_scored, hidden]
+        return self.model.logits(hidden[batch.logits_indices]), scored

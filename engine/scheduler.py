@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from engine.kv.manager import KVCacheManager
+from engine.prompt_logprobs import usable_prefix
 from engine.request import Request, RequestStatus
 from engine.state import RequestState, SchedulerStats
 
@@ -122,6 +123,7 @@ class Scheduler:
                 break
             request = self.waiting[0]
             cached = self.kv.find_cached_prefix(request)
+            cached = usable_prefix(cached, request, self.kv.block_size)  # prompt logprobs
             num_new = request.num_tokens - cached.num_tokens
             if num_new > budget and not self.enable_chunked_prefill:
                 break

@@ -15,6 +15,7 @@ import jsonschema
 import openai
 import pytest
 import torch
+from server_support import wait_idle, wait_running
 
 from engine import LLM, AsyncLLM, SamplingParams
 from engine.server import BackgroundServer, ServerSettings, create_app
@@ -63,18 +64,6 @@ def http(server) -> Iterator[httpx.Client]:
 def greedy(reference: LLM, prompts: list[str], max_tokens: int) -> list[str]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     return [out.text for out in reference.generate(prompts, params)]
-
-
-def wait_idle(http: httpx.Client, timeout: float = 20.0) -> dict:
-    """The engine state once nothing runs or waits and no block is held."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state = http.get("/v1/engine/state").json()
-        idle = not state["running"] and not state["waiting"] and not state["preempted"]
-        if idle and state["kv_blocks_used"] == 0:
-            return state
-        assert time.monotonic() < deadline, f"engine still busy: {state['running']}"
-        time.sleep(0.05)
 
 
 # --- basics -----------------------------------------------------------------------------------
@@ -269,14 +258,6 @@ def test_32_concurrent_streams_complete_with_the_right_texts(server, reference, 
     wait_idle(http)
 
 
-def wait_running(http: httpx.Client, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while not (state := http.get("/v1/engine/state").json())["running"]:
-        assert time.monotonic() < deadline, "the request never ran"
-        time.sleep(0.02)
-    return state
-
-
 def test_disconnect_mid_stream_frees_the_requests_blocks(server, http):
     body = {
         "model": MODEL,
@@ -423,3 +404,41 @@ def test_metrics_state_and_openapi(http, client):
         assert path in paths
     assert "422" not in json.dumps(paths)
     assert schema["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+
+
+# --- tokenize -----------------------------------------------------------------------------------
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes(http, reference):
+    tokenizer = reference.tokenizer
+    text = "héllo <|im_start|> world"
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": text, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tokenizer.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == ENGINE["max_model_len"]
+    assert body["token_strs"] == tokenizer.convert_ids_to_tokens(body["tokens"])
+    plain = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert plain["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    assert plain["token_strs"] is None
+    messages = [{"role": "user", "content": "hi"}]
+    chat = http.post("/tokenize", json={"messages": messages}).json()
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat["tokens"] == tokenizer.encode(rendered, add_special_tokens=False)
+    bare = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False})
+    assert len(bare.json()["tokens"]) < chat["count"]
+    # Counting is allowed past max_model_len (nothing is generated).
+    long = http.post("/tokenize", json={"prompt": "x" * 2000}).json()
+    assert long["count"] == len(tokenizer.encode("x" * 2000)) > ENGINE["max_model_len"]
+    back = http.post("/detokenize", json={"model": MODEL, "tokens": body["tokens"]})
+    assert back.json() == {"prompt": tokenizer.decode(body["tokens"])}
+    for path, payload, param in [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "x", "messages": messages}, "prompt"),
+        ("/detokenize", {"tokens": [10**7]}, "tokens"),
+    ]:
+        error = http.post(path, json=payload)
+        assert error.status_code == 400 and error.json()["error"]["param"] == param
+    assert http.post("/tokenize", json={"model": "other", "prompt": "x"}).status_code == 404
+    models = http.get("/v1/models").json()["data"][0]
+    assert models["max_model_len"] == ENGINE["max_model_len"]

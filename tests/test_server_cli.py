@@ -4,6 +4,7 @@ in a subprocess."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,8 @@ import httpx
 import pytest
 
 from engine.server import InsecureBindError, check_bind
+from engine.server.context import DEFAULT_MAX_REQUEST_BYTES
+from engine.server.tool_parsers import PARSERS
 from workbench import serve_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,12 +56,20 @@ def test_options_and_refusal_before_the_model_loads(monkeypatch):
     monkeypatch.delenv(serve_cmd.API_KEY_ENV, raising=False)
     args = parse()
     assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, None, 256)
+    assert (
+        args.max_request_bytes == serve_cmd.DEFAULT_MAX_REQUEST_BYTES == DEFAULT_MAX_REQUEST_BYTES
+    )
+    assert args.tool_call_parser is None
+    assert set(serve_cmd.TOOL_CALL_PARSERS) == set(PARSERS)
+    assert parse("--tool-call-parser", "hermes").tool_call_parser == "hermes"
     assert args.func is serve_cmd.run
     refused = parse("--host", "0.0.0.0", "--model", "/no/such/model")
     with pytest.raises(InsecureBindError):  # not a model-loading error: checked first
         serve_cmd.run(refused)
     with pytest.raises(ValueError, match="--max-queue"):
         serve_cmd.run(parse("--max-queue", "-5", "--model", "/no/such/model"))
+    with pytest.raises(ValueError, match="--max-request-bytes"):
+        serve_cmd.run(parse("--max-request-bytes", "0", "--model", "/no/such/model"))
     monkeypatch.setenv(serve_cmd.API_KEY_ENV, "from-env")
     assert parse().api_key == "from-env"
 
@@ -102,6 +113,23 @@ def test_serve_command_answers_over_http(llama_checkpoint):
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
         done = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60)
         assert done.json()["usage"]["completion_tokens"] >= 1
+        # SIGTERM with a stream open: the stream ends with an error event and [DONE].
+        long = {**body, "max_tokens": 60, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream(
+            "POST", url + "/v1/completions", json=long, headers=auth, timeout=60
+        ) as response:
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[len("data: ") :])
+                if len(events) == 2:
+                    proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "server_shutdown"
+        assert len(events) < 60
+        # uvicorn re-raises the signal once its graceful shutdown is done.
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
     finally:
         proc.send_signal(signal.SIGINT)
         try:

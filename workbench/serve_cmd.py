@@ -16,6 +16,9 @@ from typing import Any
 from workbench.options import API_KEY_ENV, add_engine_args, engine_config_from_args, engine_kwargs
 
 DEFAULT_MAX_QUEUE = 256
+# engine.server's own values, not imported here: engine.server imports torch, slow for --help.
+DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
+TOOL_CALL_PARSERS = ("hermes", "llama3", "mistral")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,6 +47,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"requests allowed to wait beyond --max-num-seqs before answering 429; -1: no "
         f"limit (default: {DEFAULT_MAX_QUEUE})",
     )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"larger request bodies are answered 413 (default: {DEFAULT_MAX_REQUEST_BYTES})",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        help='reads tool calls out of replies for tool_choice "auto" (default: none, so "auto" '
+        'is refused; "required" and named functions work without one)',
+    )
     g.add_argument("--served-model-name", help="the model id clients send (default: --model)")
     g.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
@@ -60,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queue < -1:
         raise ValueError(f"--max-queue must be >= 0, or -1 for no limit, got {args.max_queue}")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     config = engine_config_from_args(args)
 
     from engine.llm import AsyncLLM
@@ -70,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or args.model,
         api_key=args.api_key or None,
         max_queue=None if args.max_queue == -1 else args.max_queue,
+        max_request_bytes=args.max_request_bytes,
+        tool_call_parser=args.tool_call_parser,
     )
     app = create_app(llm, settings, shutdown_engine=True)
     serve(app, args.host, args.port, log_level=args.log_level)

@@ -6,7 +6,6 @@ Every route but /health needs `Authorization: Bearer <api_key>` when a key is se
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,59 +13,38 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.llm import AsyncLLM
 from engine.server import errors
 from engine.server.chat import create_chat_completion
 from engine.server.completions import create_completion
 from engine.server.context import ServerContext, ServerSettings
-from engine.server.errors import ERROR_RESPONSES, APIError, error_body
+from engine.server.errors import ERROR_RESPONSES, APIError, check_encodable
 from engine.server.examples import SSE_EVENT, chat_examples, completion_examples
 from engine.server.metrics import CONTENT_TYPE
+from engine.server.middleware import OPEN_PATHS, BearerAuth, BodySizeLimit, RequestClock
 from engine.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EngineStateResponse,
     HealthResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from engine.server.streams import ClientDisconnected
+from engine.server.tokenization import detokenize, tokenize
 
-OPEN_PATHS = frozenset({"/health"})
 _UNAUTHORIZED = {
     "description": "Missing or wrong API key",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
 }
 _SSE = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
-
-
-class BearerAuth:
-    """ASGI middleware: 401 unless the request carries the API key (paths in OPEN_PATHS are
-    free). Compared in constant time."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if not secrets.compare_digest(given, self.expected):
-            body = error_body(
-                "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
-                "invalid_request_error",
-                code="invalid_api_key",
-            )
-            response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 def create_app(llm: AsyncLLM, settings: ServerSettings, shutdown_engine: bool = False) -> FastAPI:
@@ -76,7 +54,9 @@ def create_app(llm: AsyncLLM, settings: ServerSettings, shutdown_engine: bool = 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        ctx.started()
         yield
+        ctx.prompts.close()
         if shutdown_engine:
             llm.shutdown()
 
@@ -88,8 +68,11 @@ def create_app(llm: AsyncLLM, settings: ServerSettings, shutdown_engine: bool = 
     )
     app.state.ctx = ctx
     errors.install(app)
+    # add_middleware puts each outside the ones before it: the clock sees every response.
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    app.add_middleware(RequestClock, on_status=ctx.metrics.responded)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, __: ClientDisconnected) -> Response:
@@ -116,6 +99,7 @@ def create_app(llm: AsyncLLM, settings: ServerSettings, shutdown_engine: bool = 
 
     @app.get("/v1/models/{model}", response_model=ModelCard, responses=ERROR_RESPONSES)
     async def get_model(model: str) -> ModelCard:
+        check_encodable(model, "model")
         ctx.check_model(model)
         return _card(ctx)
 
@@ -140,6 +124,14 @@ def create_app(llm: AsyncLLM, settings: ServerSettings, shutdown_engine: bool = 
     )
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Any:
         return await create_chat_completion(ctx, body, raw)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
+        return await tokenize(ctx, body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await detokenize(ctx, body)
 
     app.openapi = lambda: _openapi(app, secured=bool(settings.api_key))  # type: ignore[method-assign]
     return app

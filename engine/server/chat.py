@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterable
@@ -11,7 +12,7 @@ from starlette.requests import Request
 
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.server.context import ServerContext
-from engine.server.errors import bad_request
+from engine.server.errors import bad_request, check_encodable
 from engine.server.params import resolve_max_tokens, sampling_params, structured_spec
 from engine.server.prompts import floor_logprob
 from engine.server.protocol import (
@@ -28,16 +29,21 @@ from engine.server.protocol import (
     Usage,
 )
 from engine.server.streams import StreamProgress, SubRequest, cached_prompt_tokens
+from engine.server.tools import ToolStream, plan_tools, tool_calls
 
 
 async def create_chat_completion(
     ctx: ServerContext, req: ChatCompletionRequest, raw: Request
 ) -> ChatCompletionResponse | Response:
+    check_encodable(req, "")
     ctx.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
-    prompt = ctx.prompts.chat(req.messages, req.chat_template_kwargs)
-    spec = structured_spec(req)
+    plan = plan_tools(req, ctx.tool_parser)
+    prompt = await ctx.prompts.off_loop(
+        ctx.prompts.chat, req.messages, req.chat_template_kwargs, tools=plan.template_tools
+    )
+    spec = plan.spec or structured_spec(req)
     # OpenAI's newer name wins; the 400 names whichever field the client used.
     newer = req.max_completion_tokens is not None
     max_tokens = resolve_max_tokens(
@@ -49,10 +55,17 @@ async def create_chat_completion(
         prompt_param="messages",
     )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, structured=spec)
+    renamed = {"logprobs": "top_logprobs"}
+    if newer:
+        renamed["max_tokens"] = "max_completion_tokens"
+    params = sampling_params(
+        req, max_tokens=max_tokens, logprobs=logprobs, structured=spec, renamed=renamed
+    )
+    if plan.parser is not None and plan.parser.needs_special_tokens:  # its markers are special
+        params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
     request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
     subs = [SubRequest(i, prompt, p, f"{request_id}-{i}") for i, p in enumerate(params)]
-    await ctx.compile(spec)
+    await ctx.compile(spec, "tools" if plan.spec is not None else "response_format")
     created = int(time.time())
     model = ctx.settings.model_name
 
@@ -63,6 +76,7 @@ async def create_chat_completion(
 
     if req.stream:
         progress = StreamProgress()
+        tool_streams = {i: ToolStream(plan) for i in range(req.n)}
         first = [
             chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
             for i in range(req.n)
@@ -72,11 +86,21 @@ async def create_chat_completion(
             new = progress.advance(index, out)
             if new is None:
                 return ()
+            tools = tool_streams[index]
+            content, calls = tools.feed(out.delta_text)
+            finish_reason = None
+            if out.finished:
+                rest, calls_at_end = tools.finish()
+                content = (content or "") + (rest or "") or None
+                calls += calls_at_end
+                finish_reason = "tool_calls" if tools.has_calls else out.finish_reason
+            if content is None and not calls and not new and not out.finished:
+                return ()  # held back: it may be the start of a tool call
             choice = ChatStreamChoice(
                 index=index,
-                delta=DeltaMessage(content=out.delta_text or None),
+                delta=DeltaMessage(content=content, tool_calls=calls or None),
                 logprobs=_logprobs(ctx, new) if out.logprobs is not None else None,
-                finish_reason=out.finish_reason if out.finished else None,
+                finish_reason=finish_reason,
                 stop_reason=out.stop_reason if out.finished else None,
             )
             return (chunk([choice]),)
@@ -89,19 +113,24 @@ async def create_chat_completion(
             )
             return (chunk([], usage),)
 
-        return ctx.stream(subs, req.priority, chunks, first=first, last=last)
+        return ctx.stream(raw, subs, req.priority, chunks, first=first, last=last)
 
     finals = await ctx.collect(raw, subs, req.priority)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=ChatMessageOut(content=finals[i].text),
-            logprobs=_logprobs(ctx, finals[i].logprobs) if finals[i].logprobs is not None else None,
-            finish_reason=finals[i].finish_reason,
-            stop_reason=finals[i].stop_reason,
+    choices = []
+    for i in sorted(finals):
+        out = finals[i]
+        parsed = plan.parse(out.text)
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=ChatMessageOut(
+                    content=parsed.content, tool_calls=tool_calls(parsed.calls) or None
+                ),
+                logprobs=_logprobs(ctx, out.logprobs) if out.logprobs is not None else None,
+                finish_reason="tool_calls" if parsed.calls else out.finish_reason,
+                stop_reason=out.stop_reason,
+            )
         )
-        for i in sorted(finals)
-    ]
     done = sum(len(out.token_ids) for out in finals.values())
     return ChatCompletionResponse(
         id=request_id,

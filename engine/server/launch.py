@@ -7,7 +7,7 @@ import ipaddress
 import socket
 import threading
 import time
-from types import TracebackType
+from types import FrameType, TracebackType
 
 import uvicorn
 from fastapi import FastAPI
@@ -37,9 +37,27 @@ def check_bind(host: str, api_key: str | None, allow_insecure_public: bool) -> N
     )
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn, telling the app when a shutdown begins (SIGTERM, SIGINT, or `stop`), so its open
+    streams can end with an error event and [DONE] before uvicorn waits for them to close."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.notify_app()
+        super().handle_exit(sig, frame)
+
+    def notify_app(self) -> None:
+        app = self.config.app
+        ctx = getattr(getattr(app, "state", None), "ctx", None)
+        if ctx is not None:
+            ctx.begin_shutdown()
+
+
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Serve in the foreground until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
+    )
+    GracefulServer(config).run()
 
 
 class BackgroundServer:
@@ -58,7 +76,7 @@ class BackgroundServer:
         self.host = host
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
-        self._server = uvicorn.Server(config)
+        self._server = GracefulServer(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
         )
@@ -78,6 +96,7 @@ class BackgroundServer:
         return self
 
     def stop(self) -> None:
+        self._server.notify_app()
         self._server.should_exit = True
         self._thread.join(timeout=10)
         self._socket.close()

@@ -130,25 +130,45 @@ class ServerMetrics:
         self.rejected = Counter(
             PREFIX + "request_rejected", "Requests refused because the queue was full.", **kw
         )
+        self.aborted = Counter(
+            PREFIX + "request_aborted",
+            "Engine requests aborted before they finished (client gone, server shutting down).",
+            **kw,
+        )
+        self.responses = Counter(
+            PREFIX + "http_responses",
+            "HTTP responses by status class (2xx, 4xx, 5xx; 499: the client went away).",
+            labelnames=["model_name", "status_class"],
+            registry=self.registry,
+        )
 
-    def observe(self, out: RequestOutput) -> None:
-        """Record one finished request."""
+    def observe(self, out: RequestOutput, arrival: float | None = None) -> None:
+        """Record one finished request. `arrival`: time.monotonic() when its HTTP request reached
+        the server (latencies count the time before the engine saw it: tokenizing, queueing);
+        None: the engine's own arrival time."""
         m = out.metrics
         self.finished.labels(self._model, out.finish_reason or "unknown").inc()
         self.prompt_tokens.labels(self._model).inc(len(out.prompt_token_ids))
         self.completion_tokens.labels(self._model).inc(len(out.token_ids))
         if m is None:
             return
+        start = m.arrival_time if arrival is None else min(arrival, m.arrival_time)
         if m.first_token_time is not None:
-            self.ttft.labels(self._model).observe(m.first_token_time - m.arrival_time)
+            self.ttft.labels(self._model).observe(m.first_token_time - start)
             if m.last_token_time is not None and len(out.token_ids) > 1:
                 per_token = (m.last_token_time - m.first_token_time) / (len(out.token_ids) - 1)
                 self.tpot.labels(self._model).observe(per_token)
         if m.finish_time is not None:
-            self.e2e.labels(self._model).observe(m.finish_time - m.arrival_time)
+            self.e2e.labels(self._model).observe(m.finish_time - start)
 
     def rejected_one(self) -> None:
         self.rejected.labels(self._model).inc()
+
+    def aborted_one(self) -> None:
+        self.aborted.labels(self._model).inc()
+
+    def responded(self, status: int) -> None:
+        self.responses.labels(self._model, f"{status // 100}xx").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

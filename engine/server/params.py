@@ -10,11 +10,16 @@ import dataclasses
 from typing import Any
 
 from engine.config import SamplingParams
-from engine.server.errors import APIError, bad_request, from_value_error
+from engine.server.errors import APIError, bad_request, from_value_error, prompt_too_long
 from engine.server.protocol import SamplingRequest
 from engine.structured import StructuredSpec
 
 MAX_N = 128
+# The engine checks every stop string after every token: bound the work one request can add to
+# its neighbours' steps.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 MAX_SEED = 2**63  # seeds of the n choices are seed, seed + 1, ...: all stay below 2**64
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing by them overflows)
 REQUEST_FIELDS = frozenset(
@@ -70,10 +75,14 @@ def sampling_params(
     max_tokens: int,
     logprobs: int | None,
     structured: StructuredSpec | None,
+    renamed: dict[str, str] | None = None,
+    prompt_logprobs: int | None = None,
 ) -> list[SamplingParams]:
-    """One SamplingParams per choice (n of them); choice i is seeded with seed + i."""
+    """One SamplingParams per choice (n of them); choice i is seeded with seed + i. `renamed`:
+    engine field -> the request field it came from, so a 400 names what the client sent."""
     if not isinstance(req.n, int) or not 1 <= req.n <= MAX_N:
         raise bad_request(f"n must be in [1, {MAX_N}], got {req.n}", param="n")
+    check_stops(req)
     if req.seed is not None and not 0 <= req.seed < MAX_SEED:
         raise bad_request(f"seed must be in [0, 2**63), got {req.seed}", param="seed")
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -94,6 +103,7 @@ def sampling_params(
         "ignore_eos": req.ignore_eos,
         "min_tokens": req.min_tokens or 0,
         "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
         "skip_special_tokens": req.skip_special_tokens,
     }
     if structured is not None:
@@ -104,7 +114,33 @@ def sampling_params(
             for i in range(req.n)
         ]
     except (ValueError, TypeError) as exc:
-        raise from_value_error(ValueError(str(exc)), REQUEST_FIELDS) from None
+        error = from_value_error(ValueError(str(exc)), REQUEST_FIELDS)
+        if renamed and error.param in renamed:
+            error.message = error.message.replace(error.param, renamed[error.param], 1)
+            error.param = renamed[error.param]
+        raise error from None
+
+
+def check_stops(req: SamplingRequest) -> None:
+    """400 past the bounds on stop strings (count, length) and stop token ids."""
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(
+            f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop"
+        )
+    longest = max((len(s) for s in stops), default=0)
+    if longest > MAX_STOP_STRING_CHARS:
+        raise bad_request(
+            f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters, got one of "
+            f"{longest}",
+            param="stop",
+        )
+    ids = req.stop_token_ids or []
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(
+            f"stop_token_ids has {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+            param="stop_token_ids",
+        )
 
 
 def resolve_max_tokens(
@@ -118,13 +154,7 @@ def resolve_max_tokens(
     """max_tokens to run with; 400 when the prompt alone, or prompt + max_tokens, is too long.
     `default` None: whatever room the context leaves."""
     if prompt_len >= max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
-            f"{prompt_len}, leaving no room to generate. Please shorten the prompt.",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
+        raise prompt_too_long(max_model_len, prompt_len, prompt_param)
     if requested is None:
         requested = default if default is not None else max_model_len - prompt_len
         requested = min(requested, max_model_len - prompt_len)

@@ -80,6 +80,10 @@ class ClientDisconnected(Exception):
     pass
 
 
+class ServerShuttingDown(Exception):
+    """Delivered to every open ChoiceStreams when the server begins a graceful shutdown."""
+
+
 class ChoiceStreams:
     def __init__(
         self,
@@ -87,11 +91,15 @@ class ChoiceStreams:
         subs: list[SubRequest],
         priority: int = 0,
         on_finish: Callable[[RequestOutput], None] | None = None,
+        on_abort: Callable[[], None] | None = None,
     ) -> None:
+        """`on_finish`: each choice's final output; `on_abort`: once per choice cancelled before
+        it finished (its engine request is aborted)."""
         self._llm = llm
         self._subs = subs
         self._priority = priority
         self._on_finish = on_finish
+        self._on_abort = on_abort
         self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = (
             asyncio.Queue()
         )
@@ -109,15 +117,23 @@ class ChoiceStreams:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def interrupt(self, exc: BaseException) -> None:
+        """Make `events` raise `exc` now (call on the event loop's thread)."""
+        self._queue.put_nowait((-1, exc))
+
     async def _pump(self, sub: SubRequest) -> None:
+        finished = False
         try:
             async for out in self._llm.generate(
                 sub.prompt_token_ids, sub.params, sub.request_id, self._priority
             ):
+                finished = out.finished
                 if out.finished and self._on_finish is not None:
                     self._on_finish(out)
                 self._queue.put_nowait((sub.index, out))
         except asyncio.CancelledError:
+            if not finished and self._on_abort is not None:
+                self._on_abort()
             raise
         except Exception as exc:  # delivered to the consumer, which fails the API request
             self._queue.put_nowait((sub.index, exc))
