@@ -138,3 +138,17 @@ def test_missing_or_misshapen_expert_tensors_fail_loudly(checkpoint_root):
     extra = [*tensors, ("model.layers.1.block_sparse_moe.experts.4.w1.weight", tensors[0][1])]
     with pytest.raises(ValueError, match="has 4 experts"):
         model.load_weights(extra)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_fused_kernel_switches_reach_sparse_and_dense_layers(family):
+    """What the CUDA loader calls: every kernel on (the sparse layers have no gate_up_proj for
+    the norm to quantize for), then off again."""
+    from engine.kernels import KERNELS
+
+    model = MoeForCausalLM(tiny_config(family))
+    model.enable_fused_kernels(frozenset(KERNELS), max_positions=64)
+    norms = [layer.post_attention_layernorm for layer in model.model.layers]
+    assert all(n.fused and n.out_inv_scale is None for n in norms)
+    model.enable_fused_kernels(frozenset(), max_positions=64)
+    assert not any(n.fused for n in norms)

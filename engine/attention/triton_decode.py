@@ -52,17 +52,16 @@ TUNING_ENV_VAR = "WORKBENCH_DECODE_TUNING"  # "TILE_TOKENS:WARPS:STAGES" for eve
 
 
 def default_tuning(num_splits: int, fp8_pages: bool) -> DecodeTuning:
-    """Measured on the H200 (scripts/bench_decode_kernels.py, share of the copy bandwidth): a
-    batch that fills the GPU without splits (512 x 1024 tokens) reads bf16 pages at 0.96 with 64
-    tokens and 4 warps, fp8 pages best with 2 warps (0.65 against 0.56: more programs resident);
-    one long sequence split 16 ways (1 x 8192) wants 128-token tiles (bf16 0.56 against 0.46,
-    fp8 0.31 against 0.27 with 3 stages)."""
+    """64-token tiles, 4 warps, 2 stages for every shape. In isolation (scripts/
+    bench_decode_kernels.py, H200) unsplit fp8 batches read faster with 2 warps (0.65 of the copy
+    bandwidth against 0.56) and one long split sequence with 128-token tiles (bf16 0.56 against
+    0.46); end to end the 2-warp choice lost (fp8 128/128 at 1,024 running: 14,277 against 16,075
+    tok/s on one machine, docs/performance.md), so the kernel keeps one shape until the split
+    case is timed end to end on its own. `WORKBENCH_DECODE_TUNING` forces one for A/B runs."""
     forced = os.environ.get(TUNING_ENV_VAR)
     if forced:
         return DecodeTuning(*map(int, forced.split(":")))
-    if num_splits == 1:
-        return DecodeTuning(64, 2 if fp8_pages else 4, 2)
-    return DecodeTuning(128, 4, 3 if fp8_pages else 2)
+    return DecodeTuning()
 
 
 @triton.jit

@@ -234,8 +234,9 @@ class LlamaForCausalLM(nn.Module):
         if "rmsnorm" in names:
             for layer in self.model.layers:
                 layer.input_layernorm.out_inv_scale = _fp8_inv_scale(layer.self_attn.qkv_proj)
+                # A MoE layer's experts take their input as it is (no gate_up_proj to feed).
                 layer.post_attention_layernorm.out_inv_scale = _fp8_inv_scale(
-                    layer.mlp.gate_up_proj
+                    getattr(layer.mlp, "gate_up_proj", None)
                 )
         self.rotary.build_cache(max_positions if "rotary" in names else None)
 
