@@ -115,8 +115,8 @@ def collect_stream(stream) -> tuple[str, dict[int, dict], list[str | None]]:
 
 
 def test_the_bundled_template_takes_tools_and_keeps_plain_chatml():
-    tokenizer = AutoTokenizer.from_pretrained("engine/models/tiny")
-    old = AutoTokenizer.from_pretrained("engine/models/tiny")
+    tokenizer = AutoTokenizer.from_pretrained("engine/bundled/tiny")
+    old = AutoTokenizer.from_pretrained("engine/bundled/tiny")
     old.chat_template = CHATML
     conversations = [
         [{"role": "user", "content": "hi"}],
