@@ -184,3 +184,40 @@ def test_a_model_that_fails_to_load_says_why(tmp_path: Path, store) -> None:
             assert "failed to load" in str(app.query_one("#status-bar").render())
 
     run(main())
+
+
+def test_a_prompt_past_the_context_ends_in_an_error_and_the_chat_goes_on(
+    tmp_path: Path, store, engine_client
+) -> None:
+    """The engine refuses a prompt longer than its context (ValueError on the first step of the
+    stream): the reply ends at once with that error, marked failed in the store, and Esc, Ctrl+R
+    and a new message all work afterwards."""
+    app = app_for(tmp_path, store, engine_client, chat={"max_tokens": 4, "drop_oldest": False})
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            chat = _chat(app)
+            view = chat.active
+            assert view.send("x" * 4500)  # one line, far past the 512-token test context
+            await wait_for(pilot, lambda: not view.streaming, timeout=20, what="the refusal")
+            reply = view.conv.turns[-1]
+            assert reply.status == "error" and "max_model_len" in reply.stats["error"]
+            saved = store.get_message(reply.message_id)
+            assert saved.status == "error" and "max_model_len" in saved.stats["error"]
+            stats = view.query(MessageView).last().query_one(".msg-stats")
+            assert "max_model_len" in str(stats.render())
+            assert chat.streaming_session_ids() == set()  # the session may be deleted
+            await pilot.press("escape")  # nothing to cancel: no error, nothing stuck
+            await pilot.press("ctrl+r")  # regenerate: the same refusal, and it ends again
+            await wait_for(pilot, lambda: not view.streaming, timeout=20, what="the regenerate")
+            assert view.conv.turns[-1].status == "error"
+            assert view.conv.turns[-1].message_id != reply.message_id
+            await pilot.press("up")  # edit the too-long prompt into a short one: it replies
+            assert view.editing == 0
+            view.prompt.value = "hello"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: not view.streaming, timeout=20, what="the reply")
+            assert view.conv.turns[-1].status == "complete" and view.conv.turns[-1].content
+            assert store.get_message(view.conv.turns[-1].message_id).status == "complete"
+
+    run(main())

@@ -18,9 +18,10 @@ from textual.containers import Vertical, VerticalScroll
 from textual.markup import escape
 from textual.message import Message
 from textual.widgets import Input, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker
 
-from panels.client import ChatChunk, ChatParams, EngineHandle, EngineUnavailable
+from panels.client import ChatChunk, ChatParams, EngineHandle
 from panels.conversation import Conversation, Turn, TurnStatus, reply_stats
 from panels.format import clean_text, code_blocks
 from panels.widgets.dialogs import Pick
@@ -319,14 +320,14 @@ class ChatView(Vertical):
         except asyncio.CancelledError:
             status = "cancelled"
             raise
-        except (ValueError, RuntimeError, EngineUnavailable) as e:
-            status, error = "error", str(e)
+        except Exception as e:  # whatever the engine raised ends this reply, not the chat
+            status, error = "error", _reason(e)
         finally:
-            if stream is not None:
-                await stream.stop()
-                if view.body.source != clean_text(text):  # a stop string cut what was shown
-                    await view.body.update(clean_text(text))
-            self._finish(reply, view, text, status, last, params, error, start)
+            try:
+                if stream is not None:
+                    await _end_stream(stream, view, clean_text(text))
+            finally:
+                self._finish(reply, view, text, status, last, params, error, start)
 
     def _save_partial(self, reply: Turn, text: str) -> None:
         try:
@@ -363,3 +364,27 @@ class ChatView(Vertical):
             self._changed()
             assert self.conv.session_id is not None
             self.post_message(self.SessionSaved(self.conv.session_id))
+
+
+def _reason(error: BaseException) -> str:
+    """An engine error in one line: the engine's own words for what it raises on purpose."""
+    if isinstance(error, (ValueError, RuntimeError)) and str(error):  # EngineUnavailable too
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+async def _end_stream(stream: MarkdownStream, view: MessageView, text: str) -> None:
+    """Flush the Markdown stream and show exactly `text` (a stop string may cut what was shown).
+
+    `stop()` cancels the stream's task; a task that never ran (the engine refused the request
+    before the first token) hands that cancellation to the awaiter. It is not ours unless this
+    task is being cancelled itself, so it must not end the worker before the reply is finished.
+    """
+    try:
+        await stream.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    if view.body.source != text:
+        await view.body.update(text)
