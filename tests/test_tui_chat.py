@@ -20,6 +20,7 @@ from textual.widgets import DataTable, Input, Markdown
 from panels.chat import ChatPanel
 from panels.sessions import SessionsPanel
 from panels.widgets.message import MessageView
+from workbench.app import WorkbenchApp
 
 
 def _chat(app) -> ChatPanel:
@@ -186,20 +187,29 @@ def test_a_model_that_fails_to_load_says_why(tmp_path: Path, store) -> None:
     run(main())
 
 
+def _notices(app) -> str:
+    return "\n".join(str(n.message) for n in app._notifications)
+
+
 def test_a_prompt_past_the_context_ends_in_an_error_and_the_chat_goes_on(
-    tmp_path: Path, store, engine_client
+    tmp_path: Path, store, engine_client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The engine refuses a prompt longer than its context (ValueError on the first step of the
-    stream): the reply ends at once with that error, marked failed in the store, and Esc, Ctrl+R
-    and a new message all work afterwards."""
-    app = app_for(tmp_path, store, engine_client, chat={"max_tokens": 4, "drop_oldest": False})
+    """Sent while the model loads (nothing can count its tokens yet), a prompt longer than the
+    context reaches the engine, which refuses it (ValueError on the stream's first step): the
+    reply ends at once with that error, marked failed in the store, and Esc, Ctrl+R and a new
+    message all work afterwards."""
+    monkeypatch.setattr(WorkbenchApp, "_start_loading", lambda app: None)  # "loads" on cue
+    app = app_for(tmp_path, store, chat={"max_tokens": 4, "drop_oldest": False})
 
     async def main() -> None:
         async with app.run_test(size=(120, 40)) as pilot:
             chat = _chat(app)
             view = chat.active
+            assert app.handle.status == "loading"
             assert view.send("x" * 4500)  # one line, far past the 512-token test context
-            await wait_for(pilot, lambda: not view.streaming, timeout=20, what="the refusal")
+            await pilot.pause()
+            app.handle.set_ready(engine_client)  # the model is up: the reply starts
+            await wait_for(pilot, lambda: not view.streaming, what="the refusal")
             reply = view.conv.turns[-1]
             assert reply.status == "error" and "max_model_len" in reply.stats["error"]
             saved = store.get_message(reply.message_id)
@@ -208,10 +218,10 @@ def test_a_prompt_past_the_context_ends_in_an_error_and_the_chat_goes_on(
             assert "max_model_len" in str(stats.render())
             assert chat.streaming_session_ids() == set()  # the session may be deleted
             await pilot.press("escape")  # nothing to cancel: no error, nothing stuck
-            await pilot.press("ctrl+r")  # regenerate: the same refusal, and it ends again
-            await wait_for(pilot, lambda: not view.streaming, timeout=20, what="the regenerate")
-            assert view.conv.turns[-1].status == "error"
-            assert view.conv.turns[-1].message_id != reply.message_id
+            await pilot.press("ctrl+r")  # the model is up now: refused before it is sent
+            await pilot.pause()
+            assert not view.streaming and view.conv.turns[-1] is reply
+            assert "Not sent: the prompt would be" in _notices(app)
             await pilot.press("up")  # edit the too-long prompt into a short one: it replies
             assert view.editing == 0
             view.prompt.value = "hello"
@@ -219,5 +229,98 @@ def test_a_prompt_past_the_context_ends_in_an_error_and_the_chat_goes_on(
             await wait_for(pilot, lambda: not view.streaming, timeout=20, what="the reply")
             assert view.conv.turns[-1].status == "complete" and view.conv.turns[-1].content
             assert store.get_message(view.conv.turns[-1].message_id).status == "complete"
+
+    run(main())
+
+
+def test_a_message_that_cannot_fit_the_context_is_not_sent(
+    tmp_path: Path, store, engine_client
+) -> None:
+    app = app_for(tmp_path, store, engine_client, chat={"max_tokens": 4})
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            view = _chat(app).active
+            meter = view.query_one(".chat-context")
+            await wait_for(pilot, lambda: "Context" in str(meter.render()), what="the meter")
+            view.prompt.value = "x" * 4500
+            await pilot.press("enter")
+            assert view.prompt.value == "x" * 4500  # kept, to shorten
+            assert not view.conv.turns and store.list_sessions() == []  # nothing saved
+            assert "too long even on its own" in _notices(app)
+            assert "512" in _notices(app)
+
+    run(main())
+
+
+STORY = "Tell me a story about a cat and a dog. " * 8  # about 115 tokens
+
+
+def test_a_long_chat_drops_its_oldest_turns_and_goes_on(
+    tmp_path: Path, store, engine_client
+) -> None:
+    """Five long turns pass the 512-token test context: each prompt leaves out the oldest turns
+    (never the system prompt) and leaves room for the reply; the meter says so."""
+    app = app_for(tmp_path, store, engine_client, chat={"max_tokens": 16, "ignore_eos": True})
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            view = _chat(app).active
+            view.conv.system_prompt = "Be brief."
+            for i in range(5):
+                assert view.send(f"{i}. {STORY}")
+                await wait_for(pilot, lambda: not view.streaming, what=f"reply {i}")
+            replies = [t for t in view.conv.turns if t.role == "assistant"]
+            assert [r.status for r in replies] == ["complete"] * 5
+            assert all(r.stats["tokens"] == 16 for r in replies)  # never cut by the context
+            assert not replies[0].stats.get("dropped_messages")
+            last = replies[-1].stats
+            assert last["dropped_messages"] >= 2 and last["prompt_tokens"] + 16 <= 512
+            meter = str(view.query_one(".chat-context").render())
+            assert "/ 512 tokens" in meter and "oldest" in meter and "left out" in meter
+            assert "oldest messages left out" in str(
+                view.query(MessageView).last().query_one(".msg-stats").render()
+            )
+            # what was sent started with the system prompt: the engine's record says so
+            request = replies[-1].stats["prompt_tokens"]
+            sent = view._fit(view.conv.engine_messages(upto=len(view.conv.turns) - 1))
+            assert sent.messages[0]["role"] == "system" and sent.prompt_tokens == request
+
+    run(main())
+
+
+def test_without_dropping_a_full_chat_says_why_it_stops(
+    tmp_path: Path, store, engine_client
+) -> None:
+    app = app_for(
+        tmp_path,
+        store,
+        engine_client,
+        chat={"max_tokens": 200, "ignore_eos": True, "drop_oldest": False},
+    )
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            view = _chat(app).active
+            sent = 0
+            while view.send(f"{sent}. {STORY}"):
+                sent += 1
+                await wait_for(pilot, lambda: not view.streaming, what=f"reply {sent}")
+                assert sent < 5
+            await pilot.pause()
+            assert "Turn on 'Drop oldest turns'" in _notices(app)
+            cut = view.conv.turns[-1]
+            assert cut.stats["finish_reason"] == "length" and cut.stats["tokens"] < 200
+            shown = str(view.query(MessageView).last().query_one(".msg-stats").render())
+            assert "the context (512 tokens) is full" in shown
+            # turning dropping on lets the same message go
+            app.query_one("#param-drop-oldest").value = True
+            await pilot.pause()
+            assert view.conv.params.drop_oldest
+            assert view.send(f"{sent}. {STORY}")
+            await wait_for(pilot, lambda: not view.streaming, what="the reply after dropping")
+            stats = view.conv.turns[-1].stats
+            assert stats["dropped_messages"] >= 2
+            assert stats["tokens"] >= 128  # the prompt left a quarter of the context to it
 
     run(main())

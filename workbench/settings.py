@@ -18,6 +18,7 @@ An example config.toml::
     top_k = 0
     max_tokens = 512
     # seed = 1234
+    drop_oldest = true        # past the context, leave the oldest turns out of the prompt
 
     [engine]                  # any EngineConfig field
     block_size = 16

@@ -21,7 +21,8 @@ from textual.widgets import Input, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker
 
-from panels.client import ChatChunk, ChatParams, EngineHandle
+from panels.client import ChatChunk, ChatMessage, ChatParams, EngineHandle
+from panels.context import ContextFit, fit_messages
 from panels.conversation import Conversation, Turn, TurnStatus, reply_stats
 from panels.format import clean_text, code_blocks
 from panels.widgets.dialogs import Pick
@@ -59,6 +60,7 @@ class ChatView(Vertical):
         self._views: list[MessageView] = []
         self._reply: Worker[None] | None = None
         self._save_failed = False
+        self._context_len: int | None = None  # the model's context, once known
         self.chats_open = 1  # how many chats the panel has (the header says how to switch)
 
     # -- layout --------------------------------------------------------------------------------
@@ -76,6 +78,7 @@ class ChatView(Vertical):
                 yield view
         yield Static("", classes="chat-edit-hint")
         yield Input(placeholder="Message (Enter sends)", classes="chat-prompt")
+        yield Static("", classes="chat-context")
 
     def on_mount(self) -> None:
         self.messages.anchor()
@@ -110,6 +113,8 @@ class ChatView(Vertical):
             parts.append("[$success]● replying[/]")
         self.query_one(".chat-header", Static).update(" · ".join(parts))
         self.query_one(".chat-empty").display = not self.conv.turns
+        if not self.streaming:
+            self.refresh_context()
         hint = self.query_one(".chat-edit-hint", Static)
         hint.display = self.editing is not None
         if self.editing is not None:
@@ -142,6 +147,52 @@ class ChatView(Vertical):
             self.conv.set_params(params)
         self.refresh_header()
 
+    # -- the context ---------------------------------------------------------------------------
+
+    def _fit(self, messages: list[ChatMessage]) -> ContextFit:
+        """`messages` cut to the model's context as this chat's settings say (unchecked while
+        the model loads: the engine refuses what does not fit, and the reply shows why)."""
+        client = self.handle.client
+        if client is None:
+            return ContextFit(messages, None, None)
+        params = self.conv.params
+        return fit_messages(
+            messages,
+            client.count_prompt_tokens,
+            client.max_model_len,
+            params.max_tokens,
+            params.drop_oldest,
+        )
+
+    def refresh_context(self, live: ChatChunk | None = None) -> None:
+        """The meter under the prompt: tokens of the prompt the next message starts from (or of
+        the streaming reply's prompt and reply so far) against the model's context."""
+        meter = self.query_one(".chat-context", Static)
+        drop = "on" if self.conv.params.drop_oldest else "off"
+        if live is not None:
+            used, context, dropped = live.num_prompt_tokens + live.num_tokens, self._context_len, 0
+        else:
+            fit = self._fit(self.conv.engine_messages())
+            used, context, dropped = fit.prompt_tokens, fit.context, fit.dropped
+            if used is None:  # an attached engine: what the last reply used, as it reported
+                last = next((t for t in reversed(self.conv.turns) if t.role == "assistant"), None)
+                stats = last.stats if last else {}
+                if stats.get("prompt_tokens"):
+                    used = int(stats["prompt_tokens"]) + int(stats.get("tokens") or 0)
+        self._context_len = context
+        if context is None:
+            meter.update("[$text-muted]Context: the model's length is not known yet[/]")
+            return
+        if used is None:
+            meter.update(f"[$text-muted]Context {context:,} tokens · drop oldest turns: {drop}[/]")
+            return
+        share = used / context
+        colour = "$error" if share >= 1 else "$warning" if share >= 0.75 else "$text-muted"
+        text = f"[{colour}]Context {used:,} / {context:,} tokens ({share:.0%})[/]"
+        if dropped:
+            text += f" [$warning]· the oldest {dropped} messages are left out[/]"
+        meter.update(f"{text} [$text-muted]· drop oldest turns: {drop} (Ctrl+O)[/]")
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
         self.send(event.value)
@@ -153,6 +204,11 @@ class ChatView(Vertical):
         if self.streaming:
             self.notify("This chat is still replying: Esc cancels it, Ctrl+N opens another chat.")
             return False
+        upto = self.editing if self.editing is not None else len(self.conv.turns)
+        fit = self._fit([*self.conv.engine_messages(upto), {"role": "user", "content": text}])
+        if not fit.fits:
+            self.notify(fit.refusal(self.conv.params.drop_oldest), severity="error", timeout=10)
+            return False
         try:
             reply = self.conv.start_turn(text, *self._engine_info(), replace=self.editing)
         except (StoreError, sqlite3.Error) as e:
@@ -162,7 +218,7 @@ class ChatView(Vertical):
         self._truncate_views(len(self.conv.turns) - 2)
         self._append_view(self.conv.turns[-2])
         self.prompt.value = ""
-        self._start_reply(reply)
+        self._start_reply(reply, fit)
         return True
 
     def regenerate(self, index: int | None = None) -> None:
@@ -175,13 +231,17 @@ class ChatView(Vertical):
         if index < 1 or index >= len(self.conv.turns) or self.conv.turns[index].role != "assistant":
             self.notify("There is no reply to regenerate yet.", severity="warning")
             return
+        fit = self._fit(self.conv.engine_messages(upto=index))
+        if not fit.fits:
+            self.notify(fit.refusal(self.conv.params.drop_oldest), severity="error", timeout=10)
+            return
         try:
             reply = self.conv.start_regenerate(index, *self._engine_info())
         except (StoreError, sqlite3.Error) as e:
             self.notify(f"Not regenerated: the session store failed ({e}).", severity="error")
             return
         self._truncate_views(index)
-        self._start_reply(reply)
+        self._start_reply(reply, fit)
 
     def edit(self, index: int | None = None) -> None:
         """Put a prompt (default: the last one) back in the input; Enter resends it."""
@@ -272,10 +332,9 @@ class ChatView(Vertical):
             return client.model_name, client.engine_config
         return self.handle.model, dict(self.handle.options)
 
-    def _start_reply(self, reply: Turn) -> None:
-        messages = self.conv.engine_messages(upto=len(self.conv.turns) - 1)
+    def _start_reply(self, reply: Turn, fit: ContextFit) -> None:
         view = self._append_view(reply)
-        self._reply = self._stream(reply, view, messages, self.conv.params)
+        self._reply = self._stream(reply, view, fit, self.conv.params)
         assert self.conv.session_id is not None
         self.post_message(self.SessionSaved(self.conv.session_id))
         self._changed()
@@ -285,7 +344,7 @@ class ChatView(Vertical):
         self,
         reply: Turn,
         view: MessageView,
-        messages: list[dict[str, str]],
+        fit: ContextFit,
         params: ChatParams,
     ) -> None:
         start = time.monotonic()
@@ -301,7 +360,7 @@ class ChatView(Vertical):
             self.request_id = f"chat{self.number}-{next(_request_ids)}"
             stream = Markdown.get_stream(view.body)
             shown, flushed_at = 0, 0.0  # characters of `text` in the Markdown widget, and when
-            async for chunk in client.chat(messages, params, self.request_id):
+            async for chunk in client.chat(fit.messages, params, self.request_id):
                 last = chunk
                 text = chunk.text
                 now = time.monotonic()
@@ -312,7 +371,8 @@ class ChatView(Vertical):
                     shown, flushed_at = len(text), now
                 if chunk.finished:
                     break
-                view.show_live(chunk)
+                if view.show_live(chunk):
+                    self.refresh_context(chunk)
                 self._save_partial(reply, text)
             reason = last.finish_reason if last else None
             status = "cancelled" if reason == "abort" else "error" if reason == "error" else status
@@ -327,7 +387,11 @@ class ChatView(Vertical):
                 if stream is not None:
                     await _end_stream(stream, view, clean_text(text))
             finally:
-                self._finish(reply, view, text, status, last, params, error, start)
+                stats = reply_stats(last, params, time.monotonic() - start)
+                stats.update(context=fit.context, dropped_messages=fit.dropped or None)
+                if error:
+                    stats["error"] = error
+                self._finish(reply, view, text, status, stats)
 
     def _save_partial(self, reply: Turn, text: str) -> None:
         try:
@@ -343,14 +407,9 @@ class ChatView(Vertical):
         view: MessageView,
         text: str,
         status: TurnStatus,
-        last: ChatChunk | None,
-        params: ChatParams,
-        error: str | None,
-        start: float,
+        stats: dict[str, Any],
     ) -> None:
-        stats = reply_stats(last, params, time.monotonic() - start)
-        if error:
-            stats["error"] = error
+        stats = {k: v for k, v in stats.items() if v is not None}
         try:
             self.conv.finish_reply(reply, text, status, stats)
         except (StoreError, sqlite3.Error) as e:

@@ -80,11 +80,12 @@ class MessageView(Vertical, can_focus=True):
             line = (line + " · " if line else "") + f"[$error]{escape(str(stats['error']))}[/]"
         return f"[$text-muted]{line}[/]" if line else ""
 
-    def show_live(self, chunk: ChatChunk) -> None:
-        """Running stats while the reply streams (a few times a second: cheap for the UI)."""
+    def show_live(self, chunk: ChatChunk) -> bool:
+        """Running stats while the reply streams (a few times a second: cheap for the UI).
+        False when it skipped the work (too soon, or not on screen)."""
         now = time.monotonic()
         if now - self._live_at < LIVE_INTERVAL_S or not shown(self):  # unseen: skip the work
-            return
+            return False
         self._live_at = now
         parts = [f"{chunk.num_tokens} tok"]
         if chunk.ttft_s is not None:
@@ -92,6 +93,7 @@ class MessageView(Vertical, can_focus=True):
         if chunk.tokens_per_s is not None:
             parts.append(f"{chunk.tokens_per_s:.1f} tok/s")
         self.refresh_meta("streaming · " + " · ".join(parts) + " · Esc cancels")
+        return True
 
     def refresh_meta(self, note: str = "") -> None:
         self.note = note
