@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.widgets import ContentSwitcher, Input, OptionList
+from textual.widgets import ContentSwitcher, OptionList
 from textual.widgets.option_list import Option
 
 from panels.client import ChatParams, EngineHandle
@@ -25,8 +25,9 @@ HELP = """\
 Talk to the loaded model through its chat template. Replies stream in as Markdown and are saved
 to the session store as they arrive (a reply cut short by a crash shows as *interrupted*).
 
-- **Enter** sends. While the model is still loading you can type and send: the reply starts when
-  the model is ready.
+- **Enter** sends; **Ctrl+J** (or Shift+Enter, where the terminal tells them apart) starts a
+  new line, and a paste keeps all its lines. While the model is still loading you can type and
+  send: the reply starts when the model is ready.
 - **Esc** cancels the streaming reply; the engine frees its KV blocks at once.
 - **Several chats** can reply at the same time (Ctrl+N opens one; Alt+←/→ or the list on the
   left switch): the Monitor panel shows them batched together.
@@ -207,7 +208,7 @@ class ChatPanel(Horizontal):
 
     def action_edit_last(self) -> None:
         focused = self.app.focused
-        if isinstance(focused, Input) and focused is self.active.prompt and not focused.value:
+        if focused is self.active.prompt and not self.active.prompt.text:
             self.active.edit()
         elif isinstance(focused, MessageView):
             self.app.action_focus_previous()

@@ -15,9 +15,12 @@ from test_tui_support import (  # noqa: F401  (fixtures)
     tui_model,
     wait_for,
 )
+from textual import events
 from textual.widgets import DataTable, Input, Markdown
+from textual.widgets._markdown import MarkdownParagraph  # not re-exported by textual
 
 from panels.chat import ChatPanel
+from panels.conversation import Turn
 from panels.sessions import SessionsPanel
 from panels.widgets.message import MessageView
 from workbench.app import WorkbenchApp
@@ -126,7 +129,7 @@ def test_regenerate_edit_and_copy(tmp_path: Path, store, engine_client) -> None:
             assert len(store.siblings(first_reply)) == 2
             first_prompt = view.conv.turns[0].message_id
             await pilot.press("up")  # in the empty input: edit the last prompt
-            assert view.editing == 0 and view.prompt.value == "first"
+            assert view.editing == 0 and view.prompt.text == "first"
             await pilot.press("end", "space", *"again", "enter")
             await wait_for(pilot, lambda: not view.streaming, what="the edited reply")
             assert view.conv.turns[0].content == "first again"
@@ -224,7 +227,7 @@ def test_a_prompt_past_the_context_ends_in_an_error_and_the_chat_goes_on(
             assert "Not sent: the prompt would be" in _notices(app)
             await pilot.press("up")  # edit the too-long prompt into a short one: it replies
             assert view.editing == 0
-            view.prompt.value = "hello"
+            view.prompt.set_text("hello")
             await pilot.press("enter")
             await wait_for(pilot, lambda: not view.streaming, timeout=20, what="the reply")
             assert view.conv.turns[-1].status == "complete" and view.conv.turns[-1].content
@@ -243,9 +246,9 @@ def test_a_message_that_cannot_fit_the_context_is_not_sent(
             view = _chat(app).active
             meter = view.query_one(".chat-context")
             await wait_for(pilot, lambda: "Context" in str(meter.render()), what="the meter")
-            view.prompt.value = "x" * 4500
+            view.prompt.set_text("x" * 4500)
             await pilot.press("enter")
-            assert view.prompt.value == "x" * 4500  # kept, to shorten
+            assert view.prompt.text == "x" * 4500  # kept, to shorten
             assert not view.conv.turns and store.list_sessions() == []  # nothing saved
             assert "too long even on its own" in _notices(app)
             assert "512" in _notices(app)
@@ -322,5 +325,48 @@ def test_without_dropping_a_full_chat_says_why_it_stops(
             stats = view.conv.turns[-1].stats
             assert stats["dropped_messages"] >= 2
             assert stats["tokens"] >= 128  # the prompt left a quarter of the context to it
+
+    run(main())
+
+
+def test_the_prompt_takes_several_lines_and_pastes_whole(
+    tmp_path: Path, store, engine_client
+) -> None:
+    app = app_for(tmp_path, store, engine_client, chat={"max_tokens": 4})
+    pasted = "\n".join(f"line {i}" for i in range(40))  # within the 512-token test context
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            view = _chat(app).active
+            await pilot.press(*"one", "ctrl+j", *"two", "shift+enter", *"three")
+            assert view.prompt.text == "one\ntwo\nthree" and not view.conv.turns
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: not view.streaming, what="reply 1")
+            assert view.conv.turns[0].content == "one\ntwo\nthree" and view.prompt.text == ""
+            assert _paragraphs(view.query(MessageView).first()) == ["one\ntwo\nthree"]
+            app.post_message(events.Paste(pasted))  # as a terminal's bracketed paste arrives
+            await pilot.pause()
+            assert view.prompt.text == pasted  # all 40 lines
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: not view.streaming, what="reply 2")
+            assert store.get_message(view.conv.turns[2].message_id).content == pasted
+
+    run(main())
+
+
+def _paragraphs(view: MessageView) -> list[str]:
+    return [p._content.plain for p in view.body.query(MarkdownParagraph)]
+
+
+def test_the_models_line_breaks_show(tmp_path: Path, store, engine_client) -> None:
+    """A reply's single line breaks stay line breaks (Markdown would join the lines)."""
+    app = app_for(tmp_path, store, engine_client)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            view = _chat(app).active
+            shown = view._append_view(Turn("assistant", "Roses are red,\nviolets blue.\n\nEnd."))
+            await pilot.pause()
+            assert _paragraphs(shown) == ["Roses are red,\nviolets blue.", "End."]
 
     run(main())

@@ -17,7 +17,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.markup import escape
 from textual.message import Message
-from textual.widgets import Input, Markdown, Static
+from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker
 
@@ -27,6 +27,7 @@ from panels.conversation import Conversation, Turn, TurnStatus, reply_stats
 from panels.format import clean_text, code_blocks
 from panels.widgets.dialogs import Pick
 from panels.widgets.message import MessageView
+from panels.widgets.prompt import PromptArea
 from store import StoreError
 
 _request_ids = itertools.count(1)
@@ -69,7 +70,8 @@ class ChatView(Vertical):
         yield Static("", classes="chat-header")
         with VerticalScroll(classes="chat-messages", can_focus=False):
             yield Static(
-                "[$text-muted]Type a message below; Enter sends. F1 lists every key.[/]",
+                "[$text-muted]Type a message below: Enter sends, Ctrl+J starts a new line. "
+                "F1 lists every key.[/]",
                 classes="chat-empty",
             )
             for index, turn in enumerate(self.conv.turns):
@@ -77,7 +79,9 @@ class ChatView(Vertical):
                 self._views.append(view)
                 yield view
         yield Static("", classes="chat-edit-hint")
-        yield Input(placeholder="Message (Enter sends)", classes="chat-prompt")
+        yield PromptArea(
+            "Message (Enter sends, Ctrl+J or Shift+Enter: new line)", classes="chat-prompt"
+        )
         yield Static("", classes="chat-context")
 
     def on_mount(self) -> None:
@@ -89,8 +93,8 @@ class ChatView(Vertical):
         return self.query_one(".chat-messages", VerticalScroll)
 
     @property
-    def prompt(self) -> Input:
-        return self.query_one(".chat-prompt", Input)
+    def prompt(self) -> PromptArea:
+        return self.query_one(".chat-prompt", PromptArea)
 
     @property
     def streaming(self) -> bool:
@@ -193,9 +197,9 @@ class ChatView(Vertical):
             text += f" [$warning]· the oldest {dropped} messages are left out[/]"
         meter.update(f"{text} [$text-muted]· drop oldest turns: {drop} (Ctrl+O)[/]")
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
+    def on_prompt_area_submitted(self, event: PromptArea.Submitted) -> None:
         event.stop()
-        self.send(event.value)
+        self.send(event.text)
 
     def send(self, text: str) -> bool:
         """Send a prompt (or resend an edited one). False if it was not sent."""
@@ -217,7 +221,7 @@ class ChatView(Vertical):
         self.editing = None
         self._truncate_views(len(self.conv.turns) - 2)
         self._append_view(self.conv.turns[-2])
-        self.prompt.value = ""
+        self.prompt.set_text("")
         self._start_reply(reply, fit)
         return True
 
@@ -255,8 +259,7 @@ class ChatView(Vertical):
                 return
             index = users[-1]
         self.editing = index
-        self.prompt.value = self.conv.turns[index].content
-        self.prompt.cursor_position = len(self.prompt.value)
+        self.prompt.set_text(self.conv.turns[index].content)
         self.prompt.focus()
         self.refresh_header()
 
@@ -264,7 +267,7 @@ class ChatView(Vertical):
         if self.editing is None:
             return False
         self.editing = None
-        self.prompt.value = ""
+        self.prompt.set_text("")
         self.refresh_header()
         return True
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from markdown_it import MarkdownIt
+from markdown_it.rules_core import StateCore
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -27,6 +29,22 @@ _STATUS_NOTE = {
     "interrupted": "[$warning]interrupted (the app stopped while it streamed)[/]",
     "error": "[$error]error[/]",
 }
+
+
+def _parser() -> MarkdownIt:
+    """Markdown as the chat shows it: a line break is a line break. A model (or a person) writes
+    one where it means one; CommonMark would join the lines, and Textual draws only hard breaks
+    (markdown-it's `breaks` option changes the HTML renderer, not the tokens)."""
+    parser = MarkdownIt("gfm-like")
+    parser.core.ruler.push("hard_breaks", _hard_breaks)
+    return parser
+
+
+def _hard_breaks(state: StateCore) -> None:
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
 
 
 class MessageView(Vertical, can_focus=True):
@@ -57,7 +75,7 @@ class MessageView(Vertical, can_focus=True):
 
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="msg-header", markup=True)
-        yield Markdown(clean_text(self.turn.content), classes="msg-body")
+        yield Markdown(clean_text(self.turn.content), classes="msg-body", parser_factory=_parser)
         yield Static(self._stats(), classes="msg-stats", markup=True)
 
     @property
