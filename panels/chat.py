@@ -71,7 +71,8 @@ class ChatPanel(Horizontal):
         self.handle = handle
         self.default_params = params
         self.default_system_prompt = system_prompt
-        self._numbers = 0
+        self._numbers = 0  # the last chat number shown ("Chat 3")
+        self._ids = 0  # widget ids: never reused, while a number is (see open_session)
 
     def compose(self) -> ComposeResult:
         yield OptionList(id="chat-list")
@@ -84,10 +85,13 @@ class ChatPanel(Horizontal):
         self.query_one("#chat-list", OptionList).border_title = "Chats"
         self._refresh_list()
 
-    def _new_view(self, conv: Conversation | None = None) -> ChatView:
-        self._numbers += 1
+    def _new_view(self, conv: Conversation | None = None, number: int | None = None) -> ChatView:
+        if number is None:
+            self._numbers += 1
+            number = self._numbers
+        self._ids += 1
         conv = conv or Conversation(self.store, self.default_params, self.default_system_prompt)
-        return ChatView(self._numbers, conv, self.handle)
+        return ChatView(number, conv, self.handle, view_id=f"chat-{self._ids}")
 
     # -- which chat ----------------------------------------------------------------------------
 
@@ -110,8 +114,10 @@ class ChatPanel(Horizontal):
         if shown(self):  # focusing inside a hidden tab would switch to it
             view.prompt.focus()
 
-    async def add_chat(self, conv: Conversation | None = None) -> ChatView:
-        view = self._new_view(conv)
+    async def add_chat(
+        self, conv: Conversation | None = None, number: int | None = None
+    ) -> ChatView:
+        view = self._new_view(conv, number)
         await self.query_one(ContentSwitcher).add_content(view)
         self.switch_to(view)
         return view
@@ -124,8 +130,9 @@ class ChatPanel(Horizontal):
                 return view
         conv = Conversation.resume(self.store, session_id, self.default_params)
         old = self.active
-        view = await self.add_chat(conv)
-        if not old.conv.turns and not old.streaming:  # an untouched chat: replace it
+        untouched = not old.conv.turns and not old.streaming  # replaced, number and all
+        view = await self.add_chat(conv, old.number if untouched else None)
+        if untouched:
             await old.remove()
             self._refresh_list()
         return view

@@ -14,6 +14,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
 from textual.message import Message
 from textual.widgets import DataTable, Input, Markdown, Static
 
@@ -115,9 +116,18 @@ class SessionsPanel(Vertical):
                 rows = self.store.list_sessions(limit=LIST_LIMIT)
             total = self.store.count_sessions()
         except StoreError as e:
-            self.app.call_from_thread(self.notify, str(e), severity="error")
+            self.app.call_from_thread(self._show_failure, str(e))
             return
         self.app.call_from_thread(self._show_rows, query, rows, total)
+
+    def _show_failure(self, error: str) -> None:
+        """The list could not be read: say why where the list would be, not only in a toast."""
+        self.table.clear(columns=True)
+        self.query_one("#session-info", Static).update(
+            f"[$error]Cannot list sessions: {escape(error)}[/]"
+        )
+        self.query_one("#session-preview-text", Markdown).update("")
+        self.notify(error, title="Cannot list sessions", severity="error")
 
     def _show_rows(
         self, query: str, rows: list[SessionSummary] | list[SearchHit], total: int

@@ -44,7 +44,7 @@ def test_send_streams_a_reply_and_saves_both_messages(
     async def main() -> None:
         async with app.run_test(size=(120, 40)) as pilot:
             chat = _chat(app)
-            assert isinstance(app.focused, Input) and app.focused is chat.active.prompt
+            assert app.focused is chat.active.prompt
             await pilot.press(*"Hello", "space", *"there", "enter")
             view = chat.active
             await wait_for(pilot, lambda: not view.streaming, what="the reply")
@@ -183,9 +183,13 @@ def test_a_model_that_fails_to_load_says_why(tmp_path: Path, store) -> None:
             view = _chat(app).active
             view.send("hello?")
             await wait_for(pilot, lambda: not view.streaming, what="the failure")
-            reply = view.conv.turns[-1]
-            assert reply.status == "error" and "no-such-model" in reply.stats["error"]
             assert "failed to load" in str(app.query_one("#status-bar").render())
+            # nothing reached an engine: no session holding only an error, the message is back
+            assert store.list_sessions() == [] and view.conv.session_id is None
+            assert not view.conv.turns and not view.query(MessageView)
+            assert view.prompt.text == "hello?"
+            await pilot.pause()
+            assert "Not sent:" in _notices(app) and "no-such-model" in _notices(app)
 
     run(main())
 

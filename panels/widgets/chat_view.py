@@ -51,8 +51,10 @@ class ChatView(Vertical):
             super().__init__()
             self.session_id = session_id
 
-    def __init__(self, number: int, conv: Conversation, handle: EngineHandle) -> None:
-        super().__init__(id=f"chat-{number}", classes="chat-view")
+    def __init__(
+        self, number: int, conv: Conversation, handle: EngineHandle, view_id: str | None = None
+    ) -> None:
+        super().__init__(id=view_id or f"chat-{number}", classes="chat-view")
         self.number = number
         self.conv = conv
         self.handle = handle
@@ -352,7 +354,7 @@ class ChatView(Vertical):
     ) -> None:
         start = time.monotonic()
         self._save_failed = False
-        text, last, error = "", None, None
+        text, last, error, unsent = "", None, None, False
         status: TurnStatus = "complete"
         stream = None
         try:
@@ -385,6 +387,9 @@ class ChatView(Vertical):
             raise
         except Exception as e:  # whatever the engine raised ends this reply, not the chat
             status, error = "error", _reason(e)
+            # No engine to send to (it failed to load, the server is gone), as opposed to an
+            # engine that refused the request (ValueError): nothing was sent.
+            unsent = isinstance(e, RuntimeError) and last is None
         finally:
             try:
                 if stream is not None:
@@ -394,7 +399,31 @@ class ChatView(Vertical):
                 stats.update(context=fit.context, dropped_messages=fit.dropped or None)
                 if error:
                     stats["error"] = error
-                self._finish(reply, view, text, status, stats)
+                if unsent and error and self.conv.holds_only_first_exchange():
+                    self._unsend(error)
+                else:
+                    self._finish(reply, view, text, status, stats)
+
+    def _unsend(self, error: str) -> None:
+        """A new chat's first message that never reached an engine: no session is kept for it
+        (it would hold only an error); the message goes back into the prompt."""
+        prompt = self.conv.turns[0].content
+        session_id = self.conv.session_id
+        try:
+            self.conv.discard()
+        except (StoreError, sqlite3.Error) as e:
+            self.notify(f"The failed session could not be removed ({e}).", severity="warning")
+        self.request_id = None
+        self._reply = None
+        self.notify(f"Not sent: {error}", severity="error", timeout=8)
+        if not self.is_attached:
+            return
+        self._truncate_views(0)
+        if not self.prompt.text:
+            self.prompt.set_text(prompt)
+        self._changed()
+        if session_id is not None:
+            self.post_message(self.SessionSaved(session_id))  # the sessions list drops it
 
     def _save_partial(self, reply: Turn, text: str) -> None:
         try:
