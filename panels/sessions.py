@@ -149,7 +149,8 @@ class SessionsPanel(Vertical):
                     key=f"{hit.session_id}:{hit.message_id}",
                 )
             info.update(
-                f"{len(rows)} matching messages for “{query}” · Esc in the box: all sessions"
+                f"{_count(len(rows), 'matching message')} for “{query}” · Esc in the box: "
+                "all sessions"
             )
         else:
             table.add_columns("#", "title", "model", "msgs", "last active")
@@ -164,9 +165,11 @@ class SessionsPanel(Vertical):
                     _when(s.last_activity),
                     key=str(s.id),
                 )
-            shown = f"{len(rows)} of {total}" if total > len(rows) else str(total)
+            shown = f"{len(rows)} of {_count(total, 'session')}"
+            if total <= len(rows):
+                shown = _count(total, "session")
             info.update(
-                f"{shown} sessions · Enter opens one in Chat · / searches every message"
+                f"{shown} · Enter opens one in Chat · / searches every message"
                 if total
                 else "No sessions yet: every chat is saved here as it streams."
             )
@@ -292,6 +295,11 @@ class SessionsPanel(Vertical):
             self.app.call_from_thread(self.notify, f"Export failed: {e}", severity="error")
             return
         self.app.call_from_thread(self.notify, f"Exported to {path}", timeout=8)
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 session', '3 sessions'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _snippet(snippet: str) -> Text:

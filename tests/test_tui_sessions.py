@@ -160,3 +160,17 @@ def test_chats_opened_from_sessions_are_numbered_in_order(
             assert header.startswith("Chat 3 (of 3")
 
     run(main())
+
+
+def test_one_session_is_one_session(tmp_path: Path, store, engine_client) -> None:
+    store.create_session("only one", "tiny", {}, {}, None)
+    app = app_for(tmp_path, store, engine_client)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("f4")
+            info = app.query_one("#session-info")
+            await wait_for(pilot, lambda: "session" in str(info.render()), what="the list")
+            assert str(info.render()).startswith("1 session · Enter opens")
+
+    run(main())

@@ -209,7 +209,7 @@ class WorkbenchApp(App[int]):
         title = (
             "Cannot attach to the server" if self.settings.attach else "The model failed to load"
         )
-        self.notify(message, title=title, severity="error", timeout=20)
+        self.notify(message, title=title, severity="error", timeout=10)  # the status bar keeps it
 
     def refresh_status(self) -> None:
         handle = self.handle
