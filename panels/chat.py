@@ -154,6 +154,11 @@ class ChatPanel(Horizontal):
             if view.conv.session_id == session_id:
                 await self.close_chat(view)
 
+    def refresh_contexts(self) -> None:
+        for view in self.views:
+            if not view.streaming:
+                view.refresh_context()
+
     def streaming_session_ids(self) -> set[int]:
         return {v.conv.session_id for v in self.views if v.streaming and v.conv.session_id}
 

@@ -63,7 +63,7 @@ def fit_messages(
     Messages are dropped from the front so that what is left starts with a user turn (chat
     templates expect user/assistant turns in order); the last message always stays.
     """
-    tokens = count(messages)
+    tokens = count(messages) if messages else 0
     if tokens is None or context is None:
         return ContextFit(list(messages), tokens, context)
     system = [m for m in messages[:1] if m["role"] == "system"]

@@ -197,6 +197,8 @@ class WorkbenchApp(App[int]):
     def _engine_ready(self, client: EngineClient) -> None:
         self.handle.set_ready(client)
         self.refresh_status()
+        with suppress(NoMatches):
+            self.query_one(ChatPanel).refresh_contexts()  # the model's context is known now
         name = short_model_name(client.model_name)
         if self.settings.attach:
             self.notify(f"Attached to {self.settings.attach}: model {name}.", timeout=3)

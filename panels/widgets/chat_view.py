@@ -22,7 +22,7 @@ from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker
 
 from panels.client import ChatChunk, ChatMessage, ChatParams, EngineHandle
-from panels.context import ContextFit, fit_messages
+from panels.context import ContextFit, fit_messages, reply_room
 from panels.conversation import Conversation, Turn, TurnStatus, reply_stats
 from panels.format import clean_text, code_blocks
 from panels.widgets.dialogs import Pick
@@ -171,15 +171,18 @@ class ChatView(Vertical):
         )
 
     def refresh_context(self, live: ChatChunk | None = None) -> None:
-        """The meter under the prompt: tokens of the prompt the next message starts from (or of
-        the streaming reply's prompt and reply so far) against the model's context."""
+        """The meter under the prompt: tokens of the whole conversation (or of the streaming
+        reply's prompt and reply so far) against the model's context."""
         meter = self.query_one(".chat-context", Static)
-        drop = "on" if self.conv.params.drop_oldest else "off"
+        params = self.conv.params
+        drop = "on" if params.drop_oldest else "off"
         if live is not None:
-            used, context, dropped = live.num_prompt_tokens + live.num_tokens, self._context_len, 0
+            used, context = live.num_prompt_tokens + live.num_tokens, self._context_len
         else:
-            fit = self._fit(self.conv.engine_messages())
-            used, context, dropped = fit.prompt_tokens, fit.context, fit.dropped
+            client = self.handle.client
+            messages = self.conv.engine_messages()
+            used = client.count_prompt_tokens(messages) if client and messages else 0
+            context = client.max_model_len if client else None
             if used is None:  # an attached engine: what the last reply used, as it reported
                 last = next((t for t in reversed(self.conv.turns) if t.role == "assistant"), None)
                 stats = last.stats if last else {}
@@ -195,8 +198,12 @@ class ChatView(Vertical):
         share = used / context
         colour = "$error" if share >= 1 else "$warning" if share >= 0.75 else "$text-muted"
         text = f"[{colour}]Context {used:,} / {context:,} tokens ({share:.0%})[/]"
-        if dropped:
-            text += f" [$warning]· the oldest {dropped} messages are left out[/]"
+        if live is None and used + reply_room(params.max_tokens, context) > context:
+            text += (
+                " [$warning]· the next prompt leaves the oldest turns out[/]"
+                if params.drop_oldest
+                else " [$warning]· full: turn on dropping the oldest turns[/]"
+            )
         meter.update(f"{text} [$text-muted]· drop oldest turns: {drop} (Ctrl+O)[/]")
 
     def on_prompt_area_submitted(self, event: PromptArea.Submitted) -> None:
