@@ -112,7 +112,8 @@ class BuildPanel(VerticalScroll):
             yield Button("Cancel", id="build-cancel", variant="error", compact=True, disabled=True)
         with Horizontal(id="build-live"):
             yield StageProgress(id="build-stages")
-            yield RichLog(id="build-log", wrap=True, markup=False, max_lines=2000)
+            # min_width=1: RichLog's default (78) renders wider than a narrow log and cuts lines
+            yield RichLog(id="build-log", wrap=True, markup=False, max_lines=2000, min_width=1)
         yield Static("", id="build-list-info")
         yield DataTable(id="build-table", cursor_type="row", zebra_stripes=True)
         yield DataTable(id="build-compare", cursor_type="none", zebra_stripes=True)
@@ -203,7 +204,7 @@ class BuildPanel(VerticalScroll):
         self.query_one(StageProgress).reset()
         self.log_view.clear()
         self.log_lines = []
-        self._log(f"$ workbench build {' '.join(options.argv(None)[4:])}")
+        self._log(f"$ {options.command_line()}")
         try:
             self.process = BuildProcess(
                 options,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -52,6 +53,20 @@ class BuildOptions:
         if self.force:
             args.append("--force")
         return args + list(self.extra)
+
+    def command_line(self) -> str:
+        """The build as a person would type it (the panel's own pipes and logging left out)."""
+        args = [
+            "workbench", "build",
+            "--model", self.model,
+            "--quant", self.quant,
+            "--kv-cache-dtype", self.kv_cache_dtype,
+            "--calib-size", str(self.calib_size),
+            "--out", self.out,
+        ]  # fmt: skip
+        if self.force:
+            args.append("--force")
+        return shlex.join(args + list(self.extra))
 
 
 class BuildProcess:

@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.widgets import ContentSwitcher, Input, OptionList
+from textual.widgets import ContentSwitcher, OptionList
 from textual.widgets.option_list import Option
 
 from panels.client import ChatParams, EngineHandle
@@ -25,8 +25,9 @@ HELP = """\
 Talk to the loaded model through its chat template. Replies stream in as Markdown and are saved
 to the session store as they arrive (a reply cut short by a crash shows as *interrupted*).
 
-- **Enter** sends. While the model is still loading you can type and send: the reply starts when
-  the model is ready.
+- **Enter** sends; **Ctrl+J** (or Shift+Enter, where the terminal tells them apart) starts a
+  new line, and a paste keeps all its lines. While the model is still loading you can type and
+  send: the reply starts when the model is ready.
 - **Esc** cancels the streaming reply; the engine frees its KV blocks at once.
 - **Several chats** can reply at the same time (Ctrl+N opens one; Alt+←/→ or the list on the
   left switch): the Monitor panel shows them batched together.
@@ -35,6 +36,10 @@ to the session store as they arrive (a reply cut short by a crash shows as *inte
 - Focus a message with Tab / Shift+Tab: `c` copies it, `k` copies a code block.
 - **Settings** (Ctrl+O): system prompt, temperature, top-p, top-k, max tokens and seed, per chat,
   applied from the next reply and saved with the session.
+- **Context**: the line under the prompt counts the chat's prompt tokens against the model's
+  context. With *Drop oldest turns* on (the default) a long chat leaves its oldest turns out of
+  the prompt (the system prompt stays) so that it goes on; off, a message that cannot fit is
+  not sent, and says so.
 """
 
 
@@ -66,7 +71,8 @@ class ChatPanel(Horizontal):
         self.handle = handle
         self.default_params = params
         self.default_system_prompt = system_prompt
-        self._numbers = 0
+        self._numbers = 0  # the last chat number shown ("Chat 3")
+        self._ids = 0  # widget ids: never reused, while a number is (see open_session)
 
     def compose(self) -> ComposeResult:
         yield OptionList(id="chat-list")
@@ -79,10 +85,13 @@ class ChatPanel(Horizontal):
         self.query_one("#chat-list", OptionList).border_title = "Chats"
         self._refresh_list()
 
-    def _new_view(self, conv: Conversation | None = None) -> ChatView:
-        self._numbers += 1
+    def _new_view(self, conv: Conversation | None = None, number: int | None = None) -> ChatView:
+        if number is None:
+            self._numbers += 1
+            number = self._numbers
+        self._ids += 1
         conv = conv or Conversation(self.store, self.default_params, self.default_system_prompt)
-        return ChatView(self._numbers, conv, self.handle)
+        return ChatView(number, conv, self.handle, view_id=f"chat-{self._ids}")
 
     # -- which chat ----------------------------------------------------------------------------
 
@@ -105,8 +114,10 @@ class ChatPanel(Horizontal):
         if shown(self):  # focusing inside a hidden tab would switch to it
             view.prompt.focus()
 
-    async def add_chat(self, conv: Conversation | None = None) -> ChatView:
-        view = self._new_view(conv)
+    async def add_chat(
+        self, conv: Conversation | None = None, number: int | None = None
+    ) -> ChatView:
+        view = self._new_view(conv, number)
         await self.query_one(ContentSwitcher).add_content(view)
         self.switch_to(view)
         return view
@@ -119,8 +130,9 @@ class ChatPanel(Horizontal):
                 return view
         conv = Conversation.resume(self.store, session_id, self.default_params)
         old = self.active
-        view = await self.add_chat(conv)
-        if not old.conv.turns and not old.streaming:  # an untouched chat: replace it
+        untouched = not old.conv.turns and not old.streaming  # replaced, number and all
+        view = await self.add_chat(conv, old.number if untouched else None)
+        if untouched:
             await old.remove()
             self._refresh_list()
         return view
@@ -141,6 +153,11 @@ class ChatPanel(Horizontal):
         for view in self.views:
             if view.conv.session_id == session_id:
                 await self.close_chat(view)
+
+    def refresh_contexts(self) -> None:
+        for view in self.views:
+            if not view.streaming:
+                view.refresh_context()
 
     def streaming_session_ids(self) -> set[int]:
         return {v.conv.session_id for v in self.views if v.streaming and v.conv.session_id}
@@ -203,7 +220,7 @@ class ChatPanel(Horizontal):
 
     def action_edit_last(self) -> None:
         focused = self.app.focused
-        if isinstance(focused, Input) and focused is self.active.prompt and not focused.value:
+        if focused is self.active.prompt and not self.active.prompt.text:
             self.active.edit()
         elif isinstance(focused, MessageView):
             self.app.action_focus_previous()

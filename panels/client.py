@@ -8,6 +8,7 @@ Importing this module is cheap (no torch): the in-process engine is imported onl
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class ChatParams:
     max_tokens: int = 512
     seed: int | None = None  # None: a fresh random stream per reply
     ignore_eos: bool = False  # config file only: keep generating to max_tokens (load tests)
+    drop_oldest: bool = True  # leave the oldest turns out of a prompt past the context
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -106,6 +108,15 @@ class EngineClient(Protocol):
         """Why the engine cannot be reached now (a server that stopped answering); else None."""
         ...
 
+    @property
+    def max_model_len(self) -> int | None:
+        """The context in tokens (prompt + reply); None if the engine does not say."""
+        ...
+
+    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int | None:
+        """How many tokens `messages` take through the chat template; None if unknown here."""
+        ...
+
     def chat(
         self, messages: list[ChatMessage], params: ChatParams, request_id: str
     ) -> AsyncIterator[ChatChunk]:
@@ -153,6 +164,9 @@ class LocalEngineClient:
 
     def __init__(self, llm: AsyncLLM) -> None:
         self._llm = llm
+        # A fast tokenizer must not be used by two threads at once: the engine's thread
+        # detokenizes with its own, the UI counts with this copy.
+        self._tokenizer = copy.deepcopy(llm.tokenizer)
         state = llm.state()
         self._config = {
             **dataclasses.asdict(llm.config),
@@ -179,6 +193,18 @@ class LocalEngineClient:
     @property
     def error(self) -> str | None:
         return None  # in this process: it is there as long as the app is
+
+    @property
+    def max_model_len(self) -> int:
+        return self._llm.engine.max_model_len
+
+    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int | None:
+        from engine.llm import render_chat
+
+        try:
+            return len(render_chat(self._tokenizer, messages))
+        except ValueError:  # no chat template: the engine says so when the reply starts
+            return None
 
     async def chat(
         self, messages: list[ChatMessage], params: ChatParams, request_id: str

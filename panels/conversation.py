@@ -175,6 +175,19 @@ class Conversation:
         self.store.update_message(reply.message_id, content=text, stats=stats, status=db_status)
         self._last_save.pop(reply.message_id, None)
 
+    def holds_only_first_exchange(self) -> bool:
+        """The session has just the first prompt and its reply (no other branch)."""
+        if self.session_id is None or len(self.turns) != 2:
+            return False
+        return len(self.store.all_messages(self.session_id)) == 2
+
+    def discard(self) -> None:
+        """Delete the session and start over as a new chat (same settings)."""
+        if self.session_id is not None:
+            self.store.delete_session(self.session_id)
+        self.session_id, self.title, self.turns = None, "New chat", []
+        self._session_system_prompt, self._engine = None, None
+
     def rename(self, title: str) -> None:
         self.title = title
         if self.session_id is not None:

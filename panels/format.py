@@ -46,7 +46,14 @@ def stats_line(stats: dict[str, Any]) -> str:
         cached = stats.get("cached_tokens") or 0
         parts.append(f"prompt {stats['prompt_tokens']}" + (f" ({cached} cached)" if cached else ""))
     if stats.get("finish_reason"):
-        parts.append(str(stats["finish_reason"]))
+        reason = str(stats["finish_reason"])
+        context = stats.get("context")
+        used = (stats.get("prompt_tokens") or 0) + (stats.get("tokens") or 0)
+        if reason == "length" and context and used >= context:
+            reason = f"length: the context ({context:,} tokens) is full"
+        parts.append(reason)
+    if stats.get("dropped_messages"):
+        parts.append(f"{stats['dropped_messages']} oldest messages left out")
     return " · ".join(parts)
 
 

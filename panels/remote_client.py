@@ -110,6 +110,7 @@ class RemoteEngineClient:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._model = model_name
         self._state = state
+        self._max_model_len = max_model_len
         self._config = {
             "attached": url,
             "model": state.model,
@@ -186,6 +187,13 @@ class RemoteEngineClient:
 
     def state(self) -> EngineState:
         return self._state
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self._max_model_len
+
+    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int | None:
+        return None  # the tokenizer is the server's; it refuses a prompt past its context
 
     def abort(self, request_id: str) -> bool:
         stream = self._streams.get(request_id)

@@ -14,6 +14,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
 from textual.message import Message
 from textual.widgets import DataTable, Input, Markdown, Static
 
@@ -115,9 +116,18 @@ class SessionsPanel(Vertical):
                 rows = self.store.list_sessions(limit=LIST_LIMIT)
             total = self.store.count_sessions()
         except StoreError as e:
-            self.app.call_from_thread(self.notify, str(e), severity="error")
+            self.app.call_from_thread(self._show_failure, str(e))
             return
         self.app.call_from_thread(self._show_rows, query, rows, total)
+
+    def _show_failure(self, error: str) -> None:
+        """The list could not be read: say why where the list would be, not only in a toast."""
+        self.table.clear(columns=True)
+        self.query_one("#session-info", Static).update(
+            f"[$error]Cannot list sessions: {escape(error)}[/]"
+        )
+        self.query_one("#session-preview-text", Markdown).update("")
+        self.notify(error, title="Cannot list sessions", severity="error")
 
     def _show_rows(
         self, query: str, rows: list[SessionSummary] | list[SearchHit], total: int
@@ -139,7 +149,8 @@ class SessionsPanel(Vertical):
                     key=f"{hit.session_id}:{hit.message_id}",
                 )
             info.update(
-                f"{len(rows)} matching messages for “{query}” · Esc in the box: all sessions"
+                f"{_count(len(rows), 'matching message')} for “{query}” · Esc in the box: "
+                "all sessions"
             )
         else:
             table.add_columns("#", "title", "model", "msgs", "last active")
@@ -154,9 +165,11 @@ class SessionsPanel(Vertical):
                     _when(s.last_activity),
                     key=str(s.id),
                 )
-            shown = f"{len(rows)} of {total}" if total > len(rows) else str(total)
+            shown = f"{len(rows)} of {_count(total, 'session')}"
+            if total <= len(rows):
+                shown = _count(total, "session")
             info.update(
-                f"{shown} sessions · Enter opens one in Chat · / searches every message"
+                f"{shown} · Enter opens one in Chat · / searches every message"
                 if total
                 else "No sessions yet: every chat is saved here as it streams."
             )
@@ -282,6 +295,11 @@ class SessionsPanel(Vertical):
             self.app.call_from_thread(self.notify, f"Export failed: {e}", severity="error")
             return
         self.app.call_from_thread(self.notify, f"Exported to {path}", timeout=8)
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 session', '3 sessions'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _snippet(snippet: str) -> Text:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from sqlite_utils import Database
 from sqlite_utils.db import NotFoundError as SqliteUtilsNotFound
 from sqlite_utils.db import Table
 
-from .errors import NotFoundError
+from .errors import NotFoundError, StoreError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -55,13 +56,28 @@ class StoreBase:
             raise NotFoundError(f"no {table.rstrip('s')} {row_id}") from None
 
 
+DAMAGED = ("SQLITE_CORRUPT", "SQLITE_NOTADB")  # a file that opened but whose pages are bad
+
+
 def locked(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
-    """Run ``method`` holding the store's lock, so threads never interleave on the connection."""
+    """Run ``method`` holding the store's lock, so threads never interleave on the connection.
+
+    A database damaged past its first page opens fine and fails on a later query: that failure
+    is the store's own StoreError, naming the file, like one found when opening.
+    """
 
     @functools.wraps(method)
     def wrapper(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
         with self.lock:
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.DatabaseError as e:
+                if getattr(e, "sqlite_errorname", "") not in DAMAGED:
+                    raise
+                where = self.path or "the in-memory database"
+                raise StoreError(
+                    f"{where} is damaged ({e}); move it away to start a new one"
+                ) from e
 
     return wrapper
 

@@ -136,3 +136,41 @@ def test_run_app_reports_a_bad_config_without_a_traceback(tmp_path: Path, capsys
     assert run_app(types.SimpleNamespace(model=None, db=None)) == 2
     assert "top-p must be in (0, 1]" in capsys.readouterr().err
     assert WorkbenchApp.TITLE == "Workbench"
+
+
+def test_a_theme_picked_in_the_app_is_saved_to_the_config(tmp_path: Path, store) -> None:
+    app = app_for(tmp_path, store, model=str(tmp_path / "none"))
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.theme = "gruvbox"  # what the palette's "Change theme" does
+            await pilot.pause()
+
+    run(main())
+    saved = load_settings(config)
+    assert saved.theme == "gruvbox" and saved.chat.max_tokens == 99  # the rest is kept
+    assert config.read_text().replace('theme = "gruvbox"', 'theme = "nord"') == CONFIG
+
+
+def test_the_palettes_screenshot_says_where_it_saved_or_why_not(tmp_path: Path, store) -> None:
+    app = app_for(tmp_path, store, model=str(tmp_path / "none"))
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("ctrl+p")
+            await pilot.press(*"Screenshot")
+            await pilot.pause(0.3)
+            await pilot.press("enter")
+            await pilot.pause(0.5)
+            [svg] = (tmp_path / "screenshots").glob("*.svg")
+            notes = [str(n.message) for n in app._notifications]
+            assert any(str(svg) in n for n in notes)
+            (tmp_path / "blocked").write_text("a file, not a directory")
+            assert app.deliver_screenshot(path=str(tmp_path / "blocked")) is None
+            await pilot.pause()
+            notes = [str(n.message) for n in app._notifications]
+            assert any(n.startswith(f"Not saved in {tmp_path / 'blocked'}: ") for n in notes)
+
+    run(main())

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from build_support import eval_text, seed_builds  # noqa: F401  (fixtures)
 from test_tui_support import (  # noqa: F401  (fixtures)
     _isolated_home,
@@ -211,3 +212,28 @@ def test_a_build_killed_elsewhere_turns_failed_without_a_reload(
         run(main())
     finally:
         child.kill()
+
+
+@pytest.mark.parametrize("size", [(120, 40), (80, 24)])
+def test_the_log_wraps_long_lines_and_echoes_the_whole_command(
+    tmp_path: Path, store, engine_client, size: tuple[int, int]
+) -> None:
+    app = app_for(tmp_path, store, engine_client)
+    line = "calibrated 12 layers; " * 6 + "kept in float16: lm_head"
+
+    async def main() -> None:
+        async with app.run_test(size=size) as pilot:
+            await pilot.press("f5")
+            panel = app.query_one(BuildPanel)
+            command = panel.options().command_line()
+            assert "--kv-cache-dtype auto" in command and command.startswith("workbench build ")
+            panel._log(f"$ {command}")
+            panel._log(line)
+            await pilot.pause()
+            log = panel.log_view
+            width = log.scrollable_content_region.width
+            assert all(strip.cell_length <= width for strip in log.lines)  # nothing cut off
+            shown = " ".join(strip.text.strip() for strip in log.lines)
+            assert "kept in float16: lm_head" in shown and "--kv-cache-dtype auto" in shown
+
+    run(main())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from test_tui_support import (  # noqa: F401  (fixtures)
     _isolated_home,
     app_for,
@@ -21,6 +22,7 @@ from panels.chat import ChatPanel
 from panels.sessions import SessionsPanel
 from panels.widgets.dialogs import Confirm, TextPrompt
 from panels.widgets.message import MessageView
+from store import StoreError, open_store
 
 
 def _crashed_session(store) -> int:
@@ -102,5 +104,73 @@ def test_search_rename_export_and_delete(tmp_path: Path, store, engine_client) -
             await pilot.press("d", "y")
             await wait_for(pilot, lambda: table.row_count == 1, what="the delete")
             assert store.count_sessions() == 1
+
+    run(main())
+
+
+def _damage(path: Path) -> None:
+    """Overwrite the pages past the schema: the file opens, its tables' pages are garbage."""
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(4096 * 3)
+        f.write(b"\xff" * (size - 4096 * 6))
+
+
+def test_a_damaged_database_says_so_in_sessions(tmp_path: Path, engine_client) -> None:
+    path = tmp_path / "damaged.db"
+    with open_store(path) as before:
+        for i in range(40):
+            sid = before.create_session(f"chat {i}", "tiny", {}, {}, None)
+            before.add_message(sid, "user", "x" * 3000, None)
+    _damage(path)
+    with open_store(path) as damaged:
+        with pytest.raises(StoreError, match="damaged.db is damaged .*malformed"):
+            damaged.list_sessions()
+        app = app_for(tmp_path, damaged, engine_client)
+
+        async def main() -> None:
+            async with app.run_test(size=(120, 40)) as pilot:
+                await pilot.press("f4")
+                info = app.query_one("#session-info")
+                await wait_for(pilot, lambda: "damaged" in str(info.render()), what="the error")
+                assert "Cannot list sessions" in str(info.render())
+
+        run(main())
+
+
+def test_chats_opened_from_sessions_are_numbered_in_order(
+    tmp_path: Path, store, engine_client
+) -> None:
+    _crashed_session(store)
+    app = app_for(tmp_path, store, engine_client)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("f4")
+            table = app.query_one(SessionsPanel).query_one(DataTable)
+            await wait_for(pilot, lambda: table.row_count == 2, what="the list")
+            table.focus()
+            await pilot.press("enter")  # opens it in Chat, in place of the untouched chat 1
+            chat = app.query_one(ChatPanel)
+            await wait_for(pilot, lambda: chat.active.conv.session_id is not None)
+            await pilot.press("ctrl+n", "ctrl+n")
+            await pilot.pause()
+            assert [v.number for v in chat.views] == [1, 2, 3]
+            header = str(chat.active.query_one(".chat-header").render())
+            assert header.startswith("Chat 3 (of 3")
+
+    run(main())
+
+
+def test_one_session_is_one_session(tmp_path: Path, store, engine_client) -> None:
+    store.create_session("only one", "tiny", {}, {}, None)
+    app = app_for(tmp_path, store, engine_client)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("f4")
+            info = app.query_one("#session-info")
+            await wait_for(pilot, lambda: "session" in str(info.render()), what="the list")
+            assert str(info.render()).startswith("1 session · Enter opens")
 
     run(main())

@@ -21,6 +21,7 @@ from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.markup import escape
 from textual.screen import Screen
+from textual.theme import Theme
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
 from panels import PANEL_CSS
@@ -37,7 +38,13 @@ from panels.widgets.chat_view import ChatView
 from panels.widgets.help_screen import HelpScreen, KeyHelp, key_help
 from panels.widgets.message import MessageView
 from store import Store, StoreError, open_store
-from workbench.settings import Settings, SettingsError, config_path, settings_from_args
+from workbench.settings import (
+    Settings,
+    SettingsError,
+    config_path,
+    save_theme,
+    settings_from_args,
+)
 
 PANELS = ("chat", "monitor", "sessions", "build", "bench")
 STATUS_INTERVAL_S = 0.5
@@ -108,6 +115,7 @@ class WorkbenchApp(App[int]):
             self.theme = self.settings.theme
         else:
             self.notify(f"Unknown theme {self.settings.theme!r}: using {self.theme}.", timeout=8)
+        self.theme_changed_signal.subscribe(self, self._save_theme)
         if self.settings.keymap:
             self.set_keymap(self.settings.keymap)
         if self._injected is not None:
@@ -117,6 +125,38 @@ class WorkbenchApp(App[int]):
         self.set_interval(STATUS_INTERVAL_S, self.refresh_status)
         self.refresh_status()
         self.query_one(ChatPanel).focus_prompt()
+
+    def _save_theme(self, theme: Theme) -> None:
+        """A theme picked in the palette (or by a key) is the one the next launch starts with."""
+        if theme.name == self.settings.theme:
+            return
+        path = self.settings.config_file or config_path()
+        try:
+            save_theme(path, theme.name)
+        except OSError as e:
+            self.notify(f"The theme could not be saved to {path} ({e.strerror or e}).", timeout=8)
+            return
+        self.settings.theme = theme.name
+
+    def deliver_screenshot(
+        self, filename: str | None = None, path: str | None = None, time_format: str | None = None
+    ) -> str | None:
+        """The palette's Screenshot: an SVG under the data directory's screenshots/ (not the
+        directory the app was started in), and a notice that says where, or why it failed."""
+        directory = Path(path) if path else self.settings.data_dir / "screenshots"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            saved = self.save_screenshot(filename, str(directory), time_format)
+        except OSError as e:
+            self.notify(
+                f"Not saved in {directory}: {e.strerror or e}.",
+                title="Screenshot",
+                severity="error",
+                timeout=8,
+            )
+            return None
+        self.notify(f"Saved to {saved}", title="Screenshot", timeout=8)
+        return saved
 
     def on_unmount(self) -> None:
         sys.setswitchinterval(self._switch_interval)
@@ -157,6 +197,8 @@ class WorkbenchApp(App[int]):
     def _engine_ready(self, client: EngineClient) -> None:
         self.handle.set_ready(client)
         self.refresh_status()
+        with suppress(NoMatches):
+            self.query_one(ChatPanel).refresh_contexts()  # the model's context is known now
         name = short_model_name(client.model_name)
         if self.settings.attach:
             self.notify(f"Attached to {self.settings.attach}: model {name}.", timeout=3)
@@ -169,7 +211,7 @@ class WorkbenchApp(App[int]):
         title = (
             "Cannot attach to the server" if self.settings.attach else "The model failed to load"
         )
-        self.notify(message, title=title, severity="error", timeout=20)
+        self.notify(message, title=title, severity="error", timeout=10)  # the status bar keeps it
 
     def refresh_status(self) -> None:
         handle = self.handle

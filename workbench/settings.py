@@ -18,6 +18,7 @@ An example config.toml::
     top_k = 0
     max_tokens = 512
     # seed = 1234
+    drop_oldest = true        # past the context, leave the oldest turns out of the prompt
 
     [engine]                  # any EngineConfig field
     block_size = 16
@@ -33,7 +34,9 @@ An example config.toml::
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,3 +162,26 @@ def settings_from_args(args: Any) -> Settings:
         if value is not None:
             settings.engine[name] = value
     return settings
+
+
+_THEME_LINE = re.compile(r"^theme\s*=.*$", re.M)
+
+
+def save_theme(path: Path, theme: str) -> None:
+    """Set the top-level `theme` of the config file, keeping everything else in it as written
+    (comments too); the file is replaced whole, so a crash leaves the old one or the new one."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    line = f"theme = {json.dumps(theme)}"  # a JSON string is a TOML basic string
+    first_table = re.search(r"^\s*\[", text, re.M)
+    top = text[: first_table.start()] if first_table else text
+    if _THEME_LINE.search(top):
+        text = _THEME_LINE.sub(line, top, count=1) + text[len(top) :]
+    else:
+        text = f"{line}\n{text}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)

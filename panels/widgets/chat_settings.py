@@ -11,7 +11,7 @@ import dataclasses
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
-from textual.widgets import Input, Label, Static, TextArea
+from textual.widgets import Checkbox, Input, Label, Static, TextArea
 
 from panels.client import ChatParams
 
@@ -56,6 +56,14 @@ class ChatSettings(VerticalScroll):
                     classes="setting-input",
                     compact=True,
                 )
+        yield Checkbox(
+            "Drop oldest turns",
+            self._params.drop_oldest,
+            id="param-drop-oldest",
+            tooltip="Past the model's context, leave the oldest turns out of the prompt (the "
+            "system prompt stays) so that the chat goes on",
+            compact=True,
+        )
         yield Static("", id="settings-error")
         yield Static(
             "[$text-muted]Applies from the next reply. Saved with the session.[/]",
@@ -70,6 +78,8 @@ class ChatSettings(VerticalScroll):
             for name, *_ in _FIELDS:
                 self._input(name).value = _text(getattr(params, name))
                 self._input(name).remove_class("-invalid")
+        with self.prevent(Checkbox.Changed):
+            self.query_one("#param-drop-oldest", Checkbox).value = params.drop_oldest
         self.query_one("#settings-error", Static).update("")
 
     def _input(self, name: str) -> Input:
@@ -77,7 +87,9 @@ class ChatSettings(VerticalScroll):
 
     def read(self) -> ChatParams:
         """The parameters the inputs hold; raises ValueError naming the bad one."""
-        values: dict[str, float | int | None] = {}
+        values: dict[str, float | int | bool | None] = {
+            "drop_oldest": self.query_one("#param-drop-oldest", Checkbox).value
+        }
         for name, label, kind, _ in _FIELDS:
             raw = self._input(name).value.strip()
             try:
@@ -117,6 +129,10 @@ class ChatSettings(VerticalScroll):
         self._changed()
 
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
+        event.stop()
+        self._changed()
+
+    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
         event.stop()
         self._changed()
 

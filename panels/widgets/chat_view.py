@@ -17,14 +17,17 @@ from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.markup import escape
 from textual.message import Message
-from textual.widgets import Input, Markdown, Static
+from textual.widgets import Markdown, Static
+from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker
 
-from panels.client import ChatChunk, ChatParams, EngineHandle, EngineUnavailable
+from panels.client import ChatChunk, ChatMessage, ChatParams, EngineHandle
+from panels.context import ContextFit, fit_messages, reply_room
 from panels.conversation import Conversation, Turn, TurnStatus, reply_stats
 from panels.format import clean_text, code_blocks
 from panels.widgets.dialogs import Pick
 from panels.widgets.message import MessageView
+from panels.widgets.prompt import PromptArea
 from store import StoreError
 
 _request_ids = itertools.count(1)
@@ -48,8 +51,10 @@ class ChatView(Vertical):
             super().__init__()
             self.session_id = session_id
 
-    def __init__(self, number: int, conv: Conversation, handle: EngineHandle) -> None:
-        super().__init__(id=f"chat-{number}", classes="chat-view")
+    def __init__(
+        self, number: int, conv: Conversation, handle: EngineHandle, view_id: str | None = None
+    ) -> None:
+        super().__init__(id=view_id or f"chat-{number}", classes="chat-view")
         self.number = number
         self.conv = conv
         self.handle = handle
@@ -58,6 +63,7 @@ class ChatView(Vertical):
         self._views: list[MessageView] = []
         self._reply: Worker[None] | None = None
         self._save_failed = False
+        self._context_len: int | None = None  # the model's context, once known
         self.chats_open = 1  # how many chats the panel has (the header says how to switch)
 
     # -- layout --------------------------------------------------------------------------------
@@ -66,7 +72,8 @@ class ChatView(Vertical):
         yield Static("", classes="chat-header")
         with VerticalScroll(classes="chat-messages", can_focus=False):
             yield Static(
-                "[$text-muted]Type a message below; Enter sends. F1 lists every key.[/]",
+                "[$text-muted]Type a message below: Enter sends, Ctrl+J starts a new line. "
+                "F1 lists every key.[/]",
                 classes="chat-empty",
             )
             for index, turn in enumerate(self.conv.turns):
@@ -74,7 +81,10 @@ class ChatView(Vertical):
                 self._views.append(view)
                 yield view
         yield Static("", classes="chat-edit-hint")
-        yield Input(placeholder="Message (Enter sends)", classes="chat-prompt")
+        yield PromptArea(
+            "Message (Enter sends, Ctrl+J or Shift+Enter: new line)", classes="chat-prompt"
+        )
+        yield Static("", classes="chat-context")
 
     def on_mount(self) -> None:
         self.messages.anchor()
@@ -85,8 +95,8 @@ class ChatView(Vertical):
         return self.query_one(".chat-messages", VerticalScroll)
 
     @property
-    def prompt(self) -> Input:
-        return self.query_one(".chat-prompt", Input)
+    def prompt(self) -> PromptArea:
+        return self.query_one(".chat-prompt", PromptArea)
 
     @property
     def streaming(self) -> bool:
@@ -109,6 +119,8 @@ class ChatView(Vertical):
             parts.append("[$success]● replying[/]")
         self.query_one(".chat-header", Static).update(" · ".join(parts))
         self.query_one(".chat-empty").display = not self.conv.turns
+        if not self.streaming:
+            self.refresh_context()
         hint = self.query_one(".chat-edit-hint", Static)
         hint.display = self.editing is not None
         if self.editing is not None:
@@ -141,9 +153,62 @@ class ChatView(Vertical):
             self.conv.set_params(params)
         self.refresh_header()
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
+    # -- the context ---------------------------------------------------------------------------
+
+    def _fit(self, messages: list[ChatMessage]) -> ContextFit:
+        """`messages` cut to the model's context as this chat's settings say (unchecked while
+        the model loads: the engine refuses what does not fit, and the reply shows why)."""
+        client = self.handle.client
+        if client is None:
+            return ContextFit(messages, None, None)
+        params = self.conv.params
+        return fit_messages(
+            messages,
+            client.count_prompt_tokens,
+            client.max_model_len,
+            params.max_tokens,
+            params.drop_oldest,
+        )
+
+    def refresh_context(self, live: ChatChunk | None = None) -> None:
+        """The meter under the prompt: tokens of the whole conversation (or of the streaming
+        reply's prompt and reply so far) against the model's context."""
+        meter = self.query_one(".chat-context", Static)
+        params = self.conv.params
+        drop = "on" if params.drop_oldest else "off"
+        if live is not None:
+            used, context = live.num_prompt_tokens + live.num_tokens, self._context_len
+        else:
+            client = self.handle.client
+            messages = self.conv.engine_messages()
+            used = client.count_prompt_tokens(messages) if client and messages else 0
+            context = client.max_model_len if client else None
+            if used is None:  # an attached engine: what the last reply used, as it reported
+                last = next((t for t in reversed(self.conv.turns) if t.role == "assistant"), None)
+                stats = last.stats if last else {}
+                if stats.get("prompt_tokens"):
+                    used = int(stats["prompt_tokens"]) + int(stats.get("tokens") or 0)
+        self._context_len = context
+        if context is None:
+            meter.update("[$text-muted]Context: the model's length is not known yet[/]")
+            return
+        if used is None:
+            meter.update(f"[$text-muted]Context {context:,} tokens · drop oldest turns: {drop}[/]")
+            return
+        share = used / context
+        colour = "$error" if share >= 1 else "$warning" if share >= 0.75 else "$text-muted"
+        text = f"[{colour}]Context {used:,} / {context:,} tokens ({share:.0%})[/]"
+        if live is None and used + reply_room(params.max_tokens, context) > context:
+            text += (
+                " [$warning]· the next prompt leaves the oldest turns out[/]"
+                if params.drop_oldest
+                else " [$warning]· full: turn on dropping the oldest turns[/]"
+            )
+        meter.update(f"{text} [$text-muted]· drop oldest turns: {drop} (Ctrl+O)[/]")
+
+    def on_prompt_area_submitted(self, event: PromptArea.Submitted) -> None:
         event.stop()
-        self.send(event.value)
+        self.send(event.text)
 
     def send(self, text: str) -> bool:
         """Send a prompt (or resend an edited one). False if it was not sent."""
@@ -151,6 +216,11 @@ class ChatView(Vertical):
             return False
         if self.streaming:
             self.notify("This chat is still replying: Esc cancels it, Ctrl+N opens another chat.")
+            return False
+        upto = self.editing if self.editing is not None else len(self.conv.turns)
+        fit = self._fit([*self.conv.engine_messages(upto), {"role": "user", "content": text}])
+        if not fit.fits:
+            self.notify(fit.refusal(self.conv.params.drop_oldest), severity="error", timeout=10)
             return False
         try:
             reply = self.conv.start_turn(text, *self._engine_info(), replace=self.editing)
@@ -160,8 +230,8 @@ class ChatView(Vertical):
         self.editing = None
         self._truncate_views(len(self.conv.turns) - 2)
         self._append_view(self.conv.turns[-2])
-        self.prompt.value = ""
-        self._start_reply(reply)
+        self.prompt.set_text("")
+        self._start_reply(reply, fit)
         return True
 
     def regenerate(self, index: int | None = None) -> None:
@@ -174,13 +244,17 @@ class ChatView(Vertical):
         if index < 1 or index >= len(self.conv.turns) or self.conv.turns[index].role != "assistant":
             self.notify("There is no reply to regenerate yet.", severity="warning")
             return
+        fit = self._fit(self.conv.engine_messages(upto=index))
+        if not fit.fits:
+            self.notify(fit.refusal(self.conv.params.drop_oldest), severity="error", timeout=10)
+            return
         try:
             reply = self.conv.start_regenerate(index, *self._engine_info())
         except (StoreError, sqlite3.Error) as e:
             self.notify(f"Not regenerated: the session store failed ({e}).", severity="error")
             return
         self._truncate_views(index)
-        self._start_reply(reply)
+        self._start_reply(reply, fit)
 
     def edit(self, index: int | None = None) -> None:
         """Put a prompt (default: the last one) back in the input; Enter resends it."""
@@ -194,8 +268,7 @@ class ChatView(Vertical):
                 return
             index = users[-1]
         self.editing = index
-        self.prompt.value = self.conv.turns[index].content
-        self.prompt.cursor_position = len(self.prompt.value)
+        self.prompt.set_text(self.conv.turns[index].content)
         self.prompt.focus()
         self.refresh_header()
 
@@ -203,7 +276,7 @@ class ChatView(Vertical):
         if self.editing is None:
             return False
         self.editing = None
-        self.prompt.value = ""
+        self.prompt.set_text("")
         self.refresh_header()
         return True
 
@@ -271,10 +344,9 @@ class ChatView(Vertical):
             return client.model_name, client.engine_config
         return self.handle.model, dict(self.handle.options)
 
-    def _start_reply(self, reply: Turn) -> None:
-        messages = self.conv.engine_messages(upto=len(self.conv.turns) - 1)
+    def _start_reply(self, reply: Turn, fit: ContextFit) -> None:
         view = self._append_view(reply)
-        self._reply = self._stream(reply, view, messages, self.conv.params)
+        self._reply = self._stream(reply, view, fit, self.conv.params)
         assert self.conv.session_id is not None
         self.post_message(self.SessionSaved(self.conv.session_id))
         self._changed()
@@ -284,12 +356,12 @@ class ChatView(Vertical):
         self,
         reply: Turn,
         view: MessageView,
-        messages: list[dict[str, str]],
+        fit: ContextFit,
         params: ChatParams,
     ) -> None:
         start = time.monotonic()
         self._save_failed = False
-        text, last, error = "", None, None
+        text, last, error, unsent = "", None, None, False
         status: TurnStatus = "complete"
         stream = None
         try:
@@ -300,7 +372,7 @@ class ChatView(Vertical):
             self.request_id = f"chat{self.number}-{next(_request_ids)}"
             stream = Markdown.get_stream(view.body)
             shown, flushed_at = 0, 0.0  # characters of `text` in the Markdown widget, and when
-            async for chunk in client.chat(messages, params, self.request_id):
+            async for chunk in client.chat(fit.messages, params, self.request_id):
                 last = chunk
                 text = chunk.text
                 now = time.monotonic()
@@ -311,7 +383,8 @@ class ChatView(Vertical):
                     shown, flushed_at = len(text), now
                 if chunk.finished:
                     break
-                view.show_live(chunk)
+                if view.show_live(chunk):
+                    self.refresh_context(chunk)
                 self._save_partial(reply, text)
             reason = last.finish_reason if last else None
             status = "cancelled" if reason == "abort" else "error" if reason == "error" else status
@@ -319,14 +392,45 @@ class ChatView(Vertical):
         except asyncio.CancelledError:
             status = "cancelled"
             raise
-        except (ValueError, RuntimeError, EngineUnavailable) as e:
-            status, error = "error", str(e)
+        except Exception as e:  # whatever the engine raised ends this reply, not the chat
+            status, error = "error", _reason(e)
+            # No engine to send to (it failed to load, the server is gone), as opposed to an
+            # engine that refused the request (ValueError): nothing was sent.
+            unsent = isinstance(e, RuntimeError) and last is None
         finally:
-            if stream is not None:
-                await stream.stop()
-                if view.body.source != clean_text(text):  # a stop string cut what was shown
-                    await view.body.update(clean_text(text))
-            self._finish(reply, view, text, status, last, params, error, start)
+            try:
+                if stream is not None:
+                    await _end_stream(stream, view, clean_text(text))
+            finally:
+                stats = reply_stats(last, params, time.monotonic() - start)
+                stats.update(context=fit.context, dropped_messages=fit.dropped or None)
+                if error:
+                    stats["error"] = error
+                if unsent and error and self.conv.holds_only_first_exchange():
+                    self._unsend(error)
+                else:
+                    self._finish(reply, view, text, status, stats)
+
+    def _unsend(self, error: str) -> None:
+        """A new chat's first message that never reached an engine: no session is kept for it
+        (it would hold only an error); the message goes back into the prompt."""
+        prompt = self.conv.turns[0].content
+        session_id = self.conv.session_id
+        try:
+            self.conv.discard()
+        except (StoreError, sqlite3.Error) as e:
+            self.notify(f"The failed session could not be removed ({e}).", severity="warning")
+        self.request_id = None
+        self._reply = None
+        self.notify(f"Not sent: {error}", severity="error", timeout=8)
+        if not self.is_attached:
+            return
+        self._truncate_views(0)
+        if not self.prompt.text:
+            self.prompt.set_text(prompt)
+        self._changed()
+        if session_id is not None:
+            self.post_message(self.SessionSaved(session_id))  # the sessions list drops it
 
     def _save_partial(self, reply: Turn, text: str) -> None:
         try:
@@ -342,14 +446,9 @@ class ChatView(Vertical):
         view: MessageView,
         text: str,
         status: TurnStatus,
-        last: ChatChunk | None,
-        params: ChatParams,
-        error: str | None,
-        start: float,
+        stats: dict[str, Any],
     ) -> None:
-        stats = reply_stats(last, params, time.monotonic() - start)
-        if error:
-            stats["error"] = error
+        stats = {k: v for k, v in stats.items() if v is not None}
         try:
             self.conv.finish_reply(reply, text, status, stats)
         except (StoreError, sqlite3.Error) as e:
@@ -363,3 +462,27 @@ class ChatView(Vertical):
             self._changed()
             assert self.conv.session_id is not None
             self.post_message(self.SessionSaved(self.conv.session_id))
+
+
+def _reason(error: BaseException) -> str:
+    """An engine error in one line: the engine's own words for what it raises on purpose."""
+    if isinstance(error, (ValueError, RuntimeError)) and str(error):  # EngineUnavailable too
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+async def _end_stream(stream: MarkdownStream, view: MessageView, text: str) -> None:
+    """Flush the Markdown stream and show exactly `text` (a stop string may cut what was shown).
+
+    `stop()` cancels the stream's task; a task that never ran (the engine refused the request
+    before the first token) hands that cancellation to the awaiter. It is not ours unless this
+    task is being cancelled itself, so it must not end the worker before the reply is finished.
+    """
+    try:
+        await stream.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    if view.body.source != text:
+        await view.body.update(text)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from markdown_it import MarkdownIt
+from markdown_it.rules_core import StateCore
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -27,6 +29,22 @@ _STATUS_NOTE = {
     "interrupted": "[$warning]interrupted (the app stopped while it streamed)[/]",
     "error": "[$error]error[/]",
 }
+
+
+def _parser() -> MarkdownIt:
+    """Markdown as the chat shows it: a line break is a line break. A model (or a person) writes
+    one where it means one; CommonMark would join the lines, and Textual draws only hard breaks
+    (markdown-it's `breaks` option changes the HTML renderer, not the tokens)."""
+    parser = MarkdownIt("gfm-like")
+    parser.core.ruler.push("hard_breaks", _hard_breaks)
+    return parser
+
+
+def _hard_breaks(state: StateCore) -> None:
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
 
 
 class MessageView(Vertical, can_focus=True):
@@ -57,7 +75,7 @@ class MessageView(Vertical, can_focus=True):
 
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="msg-header", markup=True)
-        yield Markdown(clean_text(self.turn.content), classes="msg-body")
+        yield Markdown(clean_text(self.turn.content), classes="msg-body", parser_factory=_parser)
         yield Static(self._stats(), classes="msg-stats", markup=True)
 
     @property
@@ -80,11 +98,12 @@ class MessageView(Vertical, can_focus=True):
             line = (line + " · " if line else "") + f"[$error]{escape(str(stats['error']))}[/]"
         return f"[$text-muted]{line}[/]" if line else ""
 
-    def show_live(self, chunk: ChatChunk) -> None:
-        """Running stats while the reply streams (a few times a second: cheap for the UI)."""
+    def show_live(self, chunk: ChatChunk) -> bool:
+        """Running stats while the reply streams (a few times a second: cheap for the UI).
+        False when it skipped the work (too soon, or not on screen)."""
         now = time.monotonic()
         if now - self._live_at < LIVE_INTERVAL_S or not shown(self):  # unseen: skip the work
-            return
+            return False
         self._live_at = now
         parts = [f"{chunk.num_tokens} tok"]
         if chunk.ttft_s is not None:
@@ -92,6 +111,7 @@ class MessageView(Vertical, can_focus=True):
         if chunk.tokens_per_s is not None:
             parts.append(f"{chunk.tokens_per_s:.1f} tok/s")
         self.refresh_meta("streaming · " + " · ".join(parts) + " · Esc cancels")
+        return True
 
     def refresh_meta(self, note: str = "") -> None:
         self.note = note
