@@ -134,6 +134,9 @@ class EngineConfig:
     # KV pages: auto (the checkpoint's KV quantization if it has one, else dtype) | fp8 | int8
     kv_cache_dtype: str = "auto"
     tokenizer: str | None = None
+    # No tokenizer at all (a checkpoint without one, or a client that tokenizes itself): prompts
+    # are token ids, outputs token ids with no text; a text prompt is an error.
+    skip_tokenizer_init: bool = False
     # Weights: None serves what the checkpoint holds (a ModelOpt export is detected); a recipe
     # (fp8, fp8_per_channel, int8_sq, int4_awq, w4a8_awq) must match it, or picks dummy weights'.
     quantization: str | None = None

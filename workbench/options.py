@@ -67,6 +67,12 @@ def add_engine_args(
         "(default: on for CUDA, off on the CPU)",
     )
     g.add_argument(
+        "--skip-tokenizer-init",
+        action="store_true",
+        default=None,
+        help="load no tokenizer: prompts must be token ids (a text prompt is an error)",
+    )
+    g.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
         help="auto: the checkpoint's weights; dummy: random weights at its shapes",
@@ -91,6 +97,7 @@ _ENGINE_FIELDS = (
     "num_kv_blocks",
     "kv_cache_dtype",
     "quantization",
+    "skip_tokenizer_init",
     "enable_prefix_caching",
     "load_format",
     "async_scheduling",

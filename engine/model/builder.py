@@ -74,7 +74,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     tokenizer_source = config.tokenizer or model_dir
     if config.tokenizer is None and model_dir is not None and without_tokenizer(model_dir):
         tokenizer_source = None  # an engine built from a preset: prompts are token ids
-    if tokenizer_source is not None:
+    if tokenizer_source is not None and not config.skip_tokenizer_init:
         tokenizer = loader.load_tokenizer(tokenizer_source)
 
     dummy = config.load_format == "dummy"
