@@ -99,6 +99,10 @@ class EngineCore:
             config.max_model_len or model_max_len, num_blocks * layout.block_size
         )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        if config.kv_tiers_enabled:
+            from engine.kv.offload import build_offloader
+
+            self.kv.attach_tiers(build_offloader(config, loaded, self.kv_cache))
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_tokens,

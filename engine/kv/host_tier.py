@@ -1,0 +1,90 @@
+"""The host tier: block records (a page's K/V of every layer, engine/kv/offload.py) kept in host
+memory after the device pool evicted them, with its own LRU and byte budget.
+
+Invariant: a slot is either free or holds exactly one block hash (`slots`); `slots` is ordered
+least recently used first. Evicting an entry first hands it to `spill` (the disk tier), so the
+slot's bytes are read before they are overwritten. Hashes in `pinned` (a restore in progress) are
+never evicted.
+
+On CUDA the buffer is pinned and the device copies run asynchronously: `events[slot]` marks the
+last device copy that touched the slot, and the host waits for it before it reads or reuses the
+slot.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+import torch
+
+Spill = Callable[[int, torch.Tensor], None]  # (block hash, its record [bytes_per_block] uint8)
+
+
+class HostTier:
+    def __init__(
+        self,
+        num_slots: int,
+        bytes_per_block: int,
+        pin_memory: bool,
+        pinned: set[int],
+        spill: Spill | None = None,
+    ) -> None:
+        self.num_slots = num_slots
+        self.bytes_per_block = bytes_per_block
+        # [num_slots, bytes_per_block] uint8: one block record per row
+        self.buffer = torch.empty(
+            (num_slots, bytes_per_block), dtype=torch.uint8, pin_memory=pin_memory
+        )
+        self.slots: OrderedDict[int, int] = OrderedDict()  # block hash -> slot, LRU first
+        self.free_slots: deque[int] = deque(range(num_slots))
+        self.events: dict[int, torch.cuda.Event] = {}
+        self.pinned = pinned  # shared with the offloader and the disk tier
+        self.spill = spill
+        self.num_evictions = 0
+
+    @property
+    def num_used(self) -> int:
+        return len(self.slots)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slots * self.bytes_per_block
+
+    def __contains__(self, block_hash: int) -> bool:
+        return block_hash in self.slots
+
+    def touch(self, block_hash: int) -> None:
+        self.slots.move_to_end(block_hash)
+
+    def slot_of(self, block_hash: int) -> int:
+        return self.slots[block_hash]
+
+    def wait(self, slot: int) -> None:
+        """Block the host until the device copies touching `slot` are done."""
+        event = self.events.pop(slot, None)
+        if event is not None:
+            event.synchronize()
+
+    def reserve(self, block_hash: int) -> int | None:
+        """A slot for a new entry, most recently used; the LRU unpinned entry is spilled and
+        evicted when none is free. None when every entry is pinned (the block is not kept)."""
+        if not self.free_slots:
+            victim = next((h for h in self.slots if h not in self.pinned), None)
+            if victim is None:
+                return None
+            slot = self.slots.pop(victim)
+            self.wait(slot)
+            if self.spill is not None:
+                self.spill(victim, self.buffer[slot])
+            self.free_slots.append(slot)
+            self.num_evictions += 1
+        slot = self.free_slots.popleft()
+        self.wait(slot)
+        self.slots[block_hash] = slot
+        return slot
+
+    def drop(self, block_hash: int) -> None:
+        """Forget an entry whose record never arrived (its copy failed)."""
+        slot = self.slots.pop(block_hash)
+        self.free_slots.appendleft(slot)

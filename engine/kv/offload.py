@@ -1,0 +1,231 @@
+"""Moving prefix blocks between the device pool and the host and disk tiers.
+
+A block record is one page's bytes for every layer, in this order: per layer K, V, then (int8
+caches) K's and V's per-slot scales, each as the page's raw storage bytes. fp8's per-layer scalar
+scales are not per page; they are part of the disk tier's fingerprint instead.
+
+Flow: the pool evicts a cached free block for reuse -> `save` copies its pages into the host tier
+(on CUDA: a gather on the compute stream, then an asynchronous copy into pinned memory on a side
+stream, so the step does not wait and the pages' reuse is ordered after the gather); the host
+tier's LRU victims go to disk. `find` continues a prefix lookup that missed the device pool:
+the leading run of hashes held by host or disk, disk hits read into host slots, all pinned until
+`restore` copies them into freshly allocated device pages (on the compute stream, before any
+prefill that reads them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.kv.cache import KVCache
+from engine.kv.disk_tier import DiskTier
+from engine.kv.fingerprint import kv_fingerprint, weights_identity
+from engine.kv.host_tier import HostTier
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from engine.model.builder import LoadedModel
+
+RATE_WINDOW_S = 5.0
+
+
+@dataclass
+class TierStats:
+    hits: int = 0  # blocks found here by prefix lookups
+    bytes_in: int = 0  # written into this tier
+    bytes_out: int = 0  # read back out of it towards the device
+    _moves: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic, bytes)
+
+    def moved(self, num_bytes: int, into: bool) -> None:
+        if into:
+            self.bytes_in += num_bytes
+        else:
+            self.bytes_out += num_bytes
+        self._moves.append((time.monotonic(), num_bytes))
+
+    def bytes_per_s(self, now: float) -> float:
+        """Bytes moved in or out over the last RATE_WINDOW_S seconds, per second."""
+        while self._moves and now - self._moves[0][0] > RATE_WINDOW_S:
+            self._moves.popleft()
+        return sum(n for _, n in self._moves) / RATE_WINDOW_S
+
+
+class KVOffloader:
+    def __init__(
+        self,
+        cache: KVCache,
+        host_bytes: int,
+        disk_dir: str | None = None,
+        disk_bytes: int = 0,
+        fingerprint: str | None = None,
+    ) -> None:
+        layout = cache.layout
+        self.bytes_per_block = layout.bytes_per_block
+        self.device = cache.layers[0].k.device
+        self.on_cuda = self.device.type == "cuda"
+        self.pinned: set[int] = set()  # hashes found by `find`, waiting for `restore`
+        self._from_disk: set[int] = set()  # of which read from the disk tier
+        self.disk: DiskTier | None = None
+        if disk_dir is not None:
+            if fingerprint is None:
+                raise ValueError("a disk tier needs the model's fingerprint")
+            self.disk = DiskTier(
+                disk_dir, fingerprint, disk_bytes, self.bytes_per_block, self.pinned
+            )
+        self.host = HostTier(
+            host_bytes // self.bytes_per_block,
+            self.bytes_per_block,
+            pin_memory=self.on_cuda,
+            pinned=self.pinned,
+            spill=self._spill if self.disk is not None else None,
+        )
+        self.host_stats = TierStats()
+        self.disk_stats = TierStats()
+        self.side_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
+        tensors: list[torch.Tensor] = []
+        for layer in cache.layers:
+            tensors += [layer.k, layer.v]
+            if layout.slot_scales:
+                tensors += [layer.k_scale, layer.v_scale]
+        # Byte views sharing the pages' storage: [num_blocks, bytes of one block of that tensor]
+        self._byte_views = [t.view(t.shape[0], -1).view(torch.uint8) for t in tensors]
+        assert sum(v.shape[1] for v in self._byte_views) == self.bytes_per_block
+
+    # --- records <-> device pages -------------------------------------------------------------
+
+    def _gather(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """-> [n, bytes_per_block] uint8 on the device: the blocks' records."""
+        return torch.cat([v.index_select(0, block_ids) for v in self._byte_views], dim=1)
+
+    def _scatter(self, block_ids: torch.Tensor, records: torch.Tensor) -> None:
+        """Write records [n, bytes_per_block] (on the device) into the blocks' pages."""
+        offset = 0
+        for view in self._byte_views:
+            width = view.shape[1]
+            view.index_copy_(0, block_ids, records[:, offset : offset + width].contiguous())
+            offset += width
+
+    # --- device -> host (-> disk) -------------------------------------------------------------
+
+    def save(self, evicted: list[tuple[int, int]]) -> None:
+        """The pool is about to reuse these (block id, hash) pages: keep their records. Called
+        before the pages are handed out, so any later write to them is queued after the gather."""
+        ids: list[int] = []
+        slots: list[int] = []
+        for block_id, block_hash in evicted:
+            if block_hash in self.host:  # restored earlier and unchanged since: keep that copy
+                self.host.touch(block_hash)
+                continue
+            slot = self.host.reserve(block_hash)
+            if slot is None:
+                continue  # the host tier is all pinned: this block is not kept
+            ids.append(block_id)
+            slots.append(slot)
+        if not ids:
+            return
+        block_ids = torch.tensor(ids, device=self.device)
+        records = self._gather(block_ids)  # [n, bytes_per_block] uint8
+        if self.on_cuda:
+            side = self.side_stream
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for i, slot in enumerate(slots):
+                    self.host.buffer[slot].copy_(records[i], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(side)
+            records.record_stream(side)  # the gather's memory lives until the copies are done
+            for slot in slots:
+                self.host.events[slot] = event
+        else:
+            self.host.buffer.index_copy_(0, torch.tensor(slots), records)
+        self.host_stats.moved(len(ids) * self.bytes_per_block, into=True)
+
+    def _spill(self, block_hash: int, record: torch.Tensor) -> None:
+        """The host tier evicts `block_hash`: its record goes to disk."""
+        if block_hash not in self.disk and self.disk.put(block_hash, record):
+            self.disk_stats.moved(self.bytes_per_block, into=True)
+        elif block_hash in self.disk:
+            self.disk.touch(block_hash)
+
+    # --- lookup and restore -------------------------------------------------------------------
+
+    def find(self, hashes: Sequence[int]) -> list[int]:
+        """The leading run of `hashes` held by the host or disk tier, now all in host slots and
+        pinned until `restore` (or the next `find`). At most the host tier's size."""
+        self.pinned.clear()
+        self._from_disk.clear()
+        run: list[int] = []
+        for block_hash in hashes:
+            if len(run) >= self.host.num_slots:
+                break
+            in_host = block_hash in self.host
+            if not in_host and not (self.disk is not None and block_hash in self.disk):
+                break
+            run.append(block_hash)
+        self.pinned.update(run)  # before reading disk hits, which may evict host entries
+        for i, block_hash in enumerate(run):
+            if block_hash in self.host:
+                self.host.touch(block_hash)
+                continue
+            slot = self.host.reserve(block_hash)
+            if slot is None or not self.disk.get(block_hash, self.host.buffer[slot]):
+                if slot is not None:
+                    self.host.drop(block_hash)
+                del run[i:]  # a corrupt file ends the run: its tokens are recomputed
+                break
+            self._from_disk.add(block_hash)
+            self.disk_stats.moved(self.bytes_per_block, into=False)
+        self.pinned.intersection_update(run)
+        return run
+
+    def restore(self, hashes: Sequence[int], block_ids: Sequence[int]) -> None:
+        """Copy the records of `hashes` (found by `find`) into device pages `block_ids`."""
+        slots = [self.host.slot_of(h) for h in hashes]
+        ids = torch.tensor(list(block_ids), device=self.device)
+        if self.on_cuda:
+            stream = torch.cuda.current_stream(self.device)
+            records = torch.empty(
+                (len(slots), self.bytes_per_block), dtype=torch.uint8, device=self.device
+            )
+            for i, slot in enumerate(slots):
+                pending = self.host.events.get(slot)
+                if pending is not None:  # its copy from the device may still be in flight
+                    stream.wait_event(pending)
+                records[i].copy_(self.host.buffer[slot], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+            for slot in slots:
+                self.host.events[slot] = event  # the host must not reuse a slot still being read
+        else:
+            records = self.host.buffer.index_select(0, torch.tensor(slots))
+        self._scatter(ids, records)
+        self.host_stats.moved(len(slots) * self.bytes_per_block, into=False)
+        # Hits count once, when restored (a blocked request is looked up again each step).
+        num_from_disk = sum(1 for h in hashes if h in self._from_disk)
+        self.disk_stats.hits += num_from_disk
+        self.host_stats.hits += len(hashes) - num_from_disk
+        self.pinned.difference_update(hashes)
+        self._from_disk.difference_update(hashes)
+
+
+def build_offloader(config: EngineConfig, loaded: LoadedModel, cache: KVCache) -> KVOffloader:
+    """The tiers `config` asks for, the disk directory named by the loaded model's fingerprint."""
+    fingerprint = None
+    if config.kv_disk_dir is not None:
+        weights = weights_identity(loaded.model_dir, loaded.hf_config, config.seed)
+        fingerprint = kv_fingerprint(
+            weights,
+            cache.layout,
+            loaded.device.type,
+            cache.fp8_scales,
+            repr(loaded.quant) if loaded.quant is not None else None,
+        )
+    return KVOffloader(
+        cache, config.kv_host_bytes, config.kv_disk_dir, config.kv_disk_bytes or 0, fingerprint
+    )
