@@ -8,7 +8,7 @@ followed by the record. Writes go to a temporary file renamed into place, so a r
 file or none; a file that is short, has another header or fails its checksum is removed and counts
 as a miss. Invariant: `files` holds the hashes whose files are in the directory, least recently
 used first (the scan orders them by mtime, and a hit touches the file's mtime so the order
-survives a restart); hashes in `pinned` are never evicted.
+survives a restart).
 """
 
 from __future__ import annotations
@@ -34,14 +34,12 @@ class DiskTier:
         fingerprint: str,
         budget_bytes: int,
         bytes_per_block: int,
-        pinned: set[int],
     ) -> None:
         self.directory = Path(root) / fingerprint
         self.directory.mkdir(parents=True, exist_ok=True)
         self.bytes_per_block = bytes_per_block
         self.file_bytes = HEADER.size + bytes_per_block
         self.num_slots = budget_bytes // self.file_bytes
-        self.pinned = pinned
         self.files: OrderedDict[int, None] = OrderedDict()
         self.num_evictions = 0
         self.num_corrupt = 0
@@ -84,14 +82,10 @@ class DiskTier:
         while len(self.files) > self.num_slots:  # a smaller budget than last time
             self._evict()
 
-    def _evict(self) -> bool:
-        victim = next((h for h in self.files if h not in self.pinned), None)
-        if victim is None:
-            return False
-        del self.files[victim]
+    def _evict(self) -> None:
+        victim, _ = self.files.popitem(last=False)
         self.path(victim).unlink(missing_ok=True)
         self.num_evictions += 1
-        return True
 
     def _remove(self, path: Path) -> None:
         self.num_corrupt += 1
@@ -102,8 +96,10 @@ class DiskTier:
         if block_hash in self.files:
             self.touch(block_hash)
             return True
-        if self.num_slots == 0 or (len(self.files) >= self.num_slots and not self._evict()):
+        if self.num_slots == 0:
             return False
+        if len(self.files) >= self.num_slots:
+            self._evict()
         payload = record.numpy().tobytes()
         header = HEADER.pack(MAGIC, FORMAT_VERSION, block_hash, len(payload), zlib.crc32(payload))
         path = self.path(block_hash)

@@ -3,8 +3,8 @@ memory after the device pool evicted them, with its own LRU and byte budget.
 
 Invariant: a slot is either free or holds exactly one block hash (`slots`); `slots` is ordered
 least recently used first. Evicting an entry first hands it to `spill` (the disk tier), so the
-slot's bytes are read before they are overwritten. Hashes in `pinned` (a restore in progress) are
-never evicted.
+slot's bytes are read before they are overwritten. Hashes in `held` (found by a lookup, waiting for
+their restore) are never evicted.
 
 On CUDA the buffer is pinned and the device copies run asynchronously: `events[slot]` marks the
 last device copy that touched the slot, and the host waits for it before it reads or reuses the
@@ -27,7 +27,7 @@ class HostTier:
         num_slots: int,
         bytes_per_block: int,
         pin_memory: bool,
-        pinned: set[int],
+        held: set[int],
         spill: Spill | None = None,
     ) -> None:
         self.num_slots = num_slots
@@ -39,7 +39,7 @@ class HostTier:
         self.slots: OrderedDict[int, int] = OrderedDict()  # block hash -> slot, LRU first
         self.free_slots: deque[int] = deque(range(num_slots))
         self.events: dict[int, torch.cuda.Event] = {}
-        self.pinned = pinned  # shared with the offloader and the disk tier
+        self.held = held  # owned by the offloader
         self.spill = spill
         self.num_evictions = 0
 
@@ -66,11 +66,15 @@ class HostTier:
         if event is not None:
             event.synchronize()
 
+    def next_victim(self) -> int | None:
+        """The entry `reserve` evicts next when no slot is free."""
+        return next((h for h in self.slots if h not in self.held), None)
+
     def reserve(self, block_hash: int) -> int | None:
-        """A slot for a new entry, most recently used; the LRU unpinned entry is spilled and
-        evicted when none is free. None when every entry is pinned (the block is not kept)."""
+        """A slot for a new entry, most recently used; the least recently used entry not held is
+        spilled and evicted when none is free. None when every entry is held (nothing is kept)."""
         if not self.free_slots:
-            victim = next((h for h in self.slots if h not in self.pinned), None)
+            victim = self.next_victim()
             if victim is None:
                 return None
             slot = self.slots.pop(victim)
@@ -83,8 +87,3 @@ class HostTier:
         self.wait(slot)
         self.slots[block_hash] = slot
         return slot
-
-    def drop(self, block_hash: int) -> None:
-        """Forget an entry whose record never arrived (its copy failed)."""
-        slot = self.slots.pop(block_hash)
-        self.free_slots.appendleft(slot)

@@ -8,9 +8,10 @@ Flow: the pool evicts a cached free block for reuse -> `save` copies its pages i
 (on CUDA: a gather on the compute stream, then an asynchronous copy into pinned memory on a side
 stream, so the step does not wait and the pages' reuse is ordered after the gather); the host
 tier's LRU victims go to disk. `find` continues a prefix lookup that missed the device pool:
-the leading run of hashes held by host or disk, disk hits read into host slots, all pinned until
-`restore` copies them into freshly allocated device pages (on the compute stream, before any
-prefill that reads them).
+the leading run of hashes held by host or disk (host entries held, disk records read into
+staging rows) until `restore` copies them into freshly allocated device pages (on the compute
+stream, before any prefill that reads them). A disk hit is not copied into the host tier: once
+restored it is on the device, and goes to host when the pool evicts it again.
 """
 
 from __future__ import annotations
@@ -69,20 +70,18 @@ class KVOffloader:
         self.bytes_per_block = layout.bytes_per_block
         self.device = cache.layers[0].k.device
         self.on_cuda = self.device.type == "cuda"
-        self.pinned: set[int] = set()  # hashes found by `find`, waiting for `restore`
-        self._from_disk: set[int] = set()  # of which read from the disk tier
+        self.held: set[int] = set()  # host entries found by `find`, waiting for `restore`
+        self._staged: dict[int, torch.Tensor] = {}  # disk records found by `find`, likewise
         self.disk: DiskTier | None = None
         if disk_dir is not None:
             if fingerprint is None:
                 raise ValueError("a disk tier needs the model's fingerprint")
-            self.disk = DiskTier(
-                disk_dir, fingerprint, disk_bytes, self.bytes_per_block, self.pinned
-            )
+            self.disk = DiskTier(disk_dir, fingerprint, disk_bytes, self.bytes_per_block)
         self.host = HostTier(
             host_bytes // self.bytes_per_block,
             self.bytes_per_block,
             pin_memory=self.on_cuda,
-            pinned=self.pinned,
+            held=self.held,
             spill=self._spill if self.disk is not None else None,
         )
         self.host_stats = TierStats()
@@ -114,22 +113,28 @@ class KVOffloader:
     # --- device -> host (-> disk) -------------------------------------------------------------
 
     def save(self, evicted: list[tuple[int, int]]) -> None:
-        """The pool is about to reuse these (block id, hash) pages: keep their records. Called
-        before the pages are handed out, so any later write to them is queued after the gather."""
-        ids: list[int] = []
-        slots: list[int] = []
+        """The pool is about to reuse these (block id, hash) pages: keep their records, in
+        order (the first is the least recently used). Called before the pages are handed out,
+        so any later write to them is queued after the gather."""
+        pending: dict[int, tuple[int, int]] = {}  # hash -> (block id, slot), not yet copied
         for block_id, block_hash in evicted:
             if block_hash in self.host:  # restored earlier and unchanged since: keep that copy
                 self.host.touch(block_hash)
                 continue
+            if not self.host.free_slots and self.host.next_victim() in pending:
+                # More blocks than slots: the victim's record must arrive before it spills.
+                self._copy_out(list(pending.values()))
+                pending.clear()
             slot = self.host.reserve(block_hash)
-            if slot is None:
-                continue  # the host tier is all pinned: this block is not kept
-            ids.append(block_id)
-            slots.append(slot)
-        if not ids:
-            return
-        block_ids = torch.tensor(ids, device=self.device)
+            if slot is not None:  # None: every host entry is held for a restore
+                pending[block_hash] = (block_id, slot)
+        if pending:
+            self._copy_out(list(pending.values()))
+
+    def _copy_out(self, moves: list[tuple[int, int]]) -> None:
+        """Device pages -> host slots, for (block id, slot) pairs."""
+        block_ids = torch.tensor([block_id for block_id, _ in moves], device=self.device)
+        slots = [slot for _, slot in moves]
         records = self._gather(block_ids)  # [n, bytes_per_block] uint8
         if self.on_cuda:
             side = self.side_stream
@@ -144,7 +149,7 @@ class KVOffloader:
                 self.host.events[slot] = event
         else:
             self.host.buffer.index_copy_(0, torch.tensor(slots), records)
-        self.host_stats.moved(len(ids) * self.bytes_per_block, into=True)
+        self.host_stats.moved(len(moves) * self.bytes_per_block, into=True)
 
     def _spill(self, block_hash: int, record: torch.Tensor) -> None:
         """The host tier evicts `block_hash`: its record goes to disk."""
@@ -156,62 +161,63 @@ class KVOffloader:
     # --- lookup and restore -------------------------------------------------------------------
 
     def find(self, hashes: Sequence[int]) -> list[int]:
-        """The leading run of `hashes` held by the host or disk tier, now all in host slots and
-        pinned until `restore` (or the next `find`). At most the host tier's size."""
-        self.pinned.clear()
-        self._from_disk.clear()
+        """The leading run of `hashes` held by the host or disk tier. Host entries stay held
+        and disk records are read into staging rows until `restore` (or the next `find`)."""
         run: list[int] = []
+        staged: dict[int, torch.Tensor] = {}
         for block_hash in hashes:
-            if len(run) >= self.host.num_slots:
-                break
-            in_host = block_hash in self.host
-            if not in_host and not (self.disk is not None and block_hash in self.disk):
-                break
-            run.append(block_hash)
-        self.pinned.update(run)  # before reading disk hits, which may evict host entries
-        for i, block_hash in enumerate(run):
             if block_hash in self.host:
                 self.host.touch(block_hash)
-                continue
-            slot = self.host.reserve(block_hash)
-            if slot is None or not self.disk.get(block_hash, self.host.buffer[slot]):
-                if slot is not None:
-                    self.host.drop(block_hash)
-                del run[i:]  # a corrupt file ends the run: its tokens are recomputed
+            elif block_hash in self._staged:  # read for this request at an earlier lookup
+                staged[block_hash] = self._staged[block_hash]
+            elif self.disk is not None and block_hash in self.disk:
+                row = torch.empty(self.bytes_per_block, dtype=torch.uint8, pin_memory=self.on_cuda)
+                if not self.disk.get(block_hash, row):
+                    break  # a damaged file ends the run: its tokens are recomputed
+                self.disk_stats.moved(self.bytes_per_block, into=False)
+                staged[block_hash] = row
+            else:
                 break
-            self._from_disk.add(block_hash)
-            self.disk_stats.moved(self.bytes_per_block, into=False)
-        self.pinned.intersection_update(run)
+            run.append(block_hash)
+        self._staged = staged
+        self.held.clear()
+        self.held.update(h for h in run if h not in staged)
         return run
 
     def restore(self, hashes: Sequence[int], block_ids: Sequence[int]) -> None:
         """Copy the records of `hashes` (found by `find`) into device pages `block_ids`."""
-        slots = [self.host.slot_of(h) for h in hashes]
+        sources = [
+            self._staged[h] if h in self._staged else self.host.buffer[self.host.slot_of(h)]
+            for h in hashes
+        ]  # each [bytes_per_block] uint8 on the host
         ids = torch.tensor(list(block_ids), device=self.device)
         if self.on_cuda:
             stream = torch.cuda.current_stream(self.device)
             records = torch.empty(
-                (len(slots), self.bytes_per_block), dtype=torch.uint8, device=self.device
+                (len(sources), self.bytes_per_block), dtype=torch.uint8, device=self.device
             )
-            for i, slot in enumerate(slots):
+            host_slots = [self.host.slot_of(h) for h in hashes if h not in self._staged]
+            for slot in host_slots:
                 pending = self.host.events.get(slot)
                 if pending is not None:  # its copy from the device may still be in flight
                     stream.wait_event(pending)
-                records[i].copy_(self.host.buffer[slot], non_blocking=True)
+            for i, source in enumerate(sources):
+                records[i].copy_(source, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
-            for slot in slots:
+            for slot in host_slots:
                 self.host.events[slot] = event  # the host must not reuse a slot still being read
         else:
-            records = self.host.buffer.index_select(0, torch.tensor(slots))
+            records = torch.stack(sources)
         self._scatter(ids, records)
-        self.host_stats.moved(len(slots) * self.bytes_per_block, into=False)
         # Hits count once, when restored (a blocked request is looked up again each step).
-        num_from_disk = sum(1 for h in hashes if h in self._from_disk)
+        num_from_disk = sum(1 for h in hashes if h in self._staged)
         self.disk_stats.hits += num_from_disk
         self.host_stats.hits += len(hashes) - num_from_disk
-        self.pinned.difference_update(hashes)
-        self._from_disk.difference_update(hashes)
+        self.host_stats.moved((len(hashes) - num_from_disk) * self.bytes_per_block, into=False)
+        self.held.difference_update(hashes)
+        for block_hash in hashes:
+            self._staged.pop(block_hash, None)
 
 
 def build_offloader(config: EngineConfig, loaded: LoadedModel, cache: KVCache) -> KVOffloader:
