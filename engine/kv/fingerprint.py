@@ -21,8 +21,10 @@ FINGERPRINT_VERSION = 1  # raise when the record layout (engine/kv/offload.py) c
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json")
 
 
-def weights_identity(model_dir: Path | None, hf_config: Any, seed: int) -> dict[str, Any]:
-    if model_dir is None:  # a preset with dummy weights: its config and seed make the weights
+def weights_identity(
+    model_dir: Path | None, hf_config: Any, dummy: bool, seed: int
+) -> dict[str, Any]:
+    if dummy or model_dir is None:  # random weights: the config and the seed make them
         return {"dummy": True, "config": hf_config.to_json_string(), "seed": seed}
     files = []
     for path in sorted(Path(model_dir).iterdir()):

@@ -224,7 +224,8 @@ def build_offloader(config: EngineConfig, loaded: LoadedModel, cache: KVCache) -
     """The tiers `config` asks for, the disk directory named by the loaded model's fingerprint."""
     fingerprint = None
     if config.kv_disk_dir is not None:
-        weights = weights_identity(loaded.model_dir, loaded.hf_config, config.seed)
+        dummy = config.load_format == "dummy"
+        weights = weights_identity(loaded.model_dir, loaded.hf_config, dummy, config.seed)
         fingerprint = kv_fingerprint(
             weights,
             cache.layout,
