@@ -108,15 +108,16 @@ WRITER = textwrap.dedent(
 BYTES_PER_BLOCK = 2 * 8 * BLOCK * 4 * 32 * 4  # tiny: 8 layers, 4 KV heads of 32, float32
 
 
-@pytest.fixture
-def warm_disk(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def written_disk(tmp_path_factory) -> Path:
     """A disk tier written by another process, holding all of prompt a's full blocks."""
+    disk = tmp_path_factory.mktemp("kv-disk")
     script = WRITER.format(
         tests=str(Path(__file__).parent),
         n=PROMPT,
         bs=BLOCK,
         bpb=BYTES_PER_BLOCK,
-        disk=str(tmp_path),
+        disk=str(disk),
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
