@@ -62,6 +62,24 @@ class RequestState:
 
 
 @dataclass(frozen=True)
+class KVTierState:
+    """One KV tier (engine/kv/offload.py): host RAM or disk."""
+
+    name: str  # host | disk
+    blocks_used: int
+    blocks_capacity: int
+    capacity_bytes: int
+    hits: int  # blocks restored from this tier into the device pool
+    bytes_in: int  # written into this tier, in all
+    bytes_out: int  # read out of it towards the device, in all
+    bytes_per_s: float  # moved in or out over the last seconds
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KVTierState:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
 class EngineState:
     step: int
     timestamp: float  # time.time()
@@ -93,6 +111,7 @@ class EngineState:
     spec_draft_time_s: float | None = None  # total time proposing drafts
     spec_verify_time_s: float | None = None  # total time of steps that verified drafts
     kv_cache_dtype: str | None = None  # how KV pages are stored: float8_e4m3fn, int8 or as dtype
+    kv_tiers: tuple[KVTierState, ...] = ()  # host, then disk; empty without tiers
 
     @property
     def kv_usage(self) -> float:
@@ -118,6 +137,7 @@ class EngineState:
             last = values.get("last_step")
             values["last_step"] = StepStats.from_dict(last) if last else None
             values["block_map"] = tuple(values.get("block_map", ()))
+            values["kv_tiers"] = tuple(KVTierState.from_dict(t) for t in values.get("kv_tiers", ()))
             return cls(**values)
         except (TypeError, AttributeError) as err:
             raise ValueError(f"not an engine state: {err}") from None
@@ -214,4 +234,5 @@ def build_state(core: EngineCore) -> EngineState:
         device_memory_total=total,
         spec_draft_time_s=spec.draft_time_s if spec else None,
         spec_verify_time_s=spec.verify_time_s if spec else None,
+        kv_tiers=kv.tiers.states() if kv.tiers is not None else (),
     )

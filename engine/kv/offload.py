@@ -28,6 +28,7 @@ from engine.kv.cache import KVCache
 from engine.kv.disk_tier import DiskTier
 from engine.kv.fingerprint import kv_fingerprint, weights_identity
 from engine.kv.host_tier import HostTier
+from engine.state import KVTierState
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
@@ -130,6 +131,26 @@ class KVOffloader:
                 pending[block_hash] = (block_id, slot)
         if pending:
             self._copy_out(list(pending.values()))
+
+    def states(self) -> tuple[KVTierState, ...]:
+        """Each tier's snapshot for `EngineState`: host, then disk."""
+        now = time.monotonic()
+        tiers = [("host", self.host, self.host_stats)]
+        if self.disk is not None:
+            tiers.append(("disk", self.disk, self.disk_stats))
+        return tuple(
+            KVTierState(
+                name=name,
+                blocks_used=tier.num_used,
+                blocks_capacity=tier.num_slots,
+                capacity_bytes=tier.capacity_bytes,
+                hits=stats.hits,
+                bytes_in=stats.bytes_in,
+                bytes_out=stats.bytes_out,
+                bytes_per_s=stats.bytes_per_s(now),
+            )
+            for name, tier, stats in tiers
+        )
 
     def _copy_out(self, moves: list[tuple[int, int]]) -> None:
         """Device pages -> host slots, for (block id, slot) pairs."""
