@@ -47,10 +47,16 @@ def block_hashes(prompt: list[int]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def baseline():
-    """Outputs of the engine without tiers for prompts a, b, a: the reference."""
+def plain_outputs():
+    """Outputs of the engine without tiers for prompts a, b, a."""
     a, b = prompts(2)
-    return tokens(one_by_one(LLM("tiny", **SMALL_POOL), [a, b, a]))
+    return one_by_one(LLM("tiny", **SMALL_POOL), [a, b, a])
+
+
+@pytest.fixture(scope="module")
+def baseline(plain_outputs):
+    """Their tokens: the reference."""
+    return tokens(plain_outputs)
 
 
 def test_a_prompt_evicted_to_host_comes_back_whole_and_exact(baseline):
@@ -65,10 +71,8 @@ def test_a_prompt_evicted_to_host_comes_back_whole_and_exact(baseline):
     assert_pool_whole(llm)
 
 
-def test_without_tiers_the_same_prompt_is_mostly_recomputed(baseline):
-    a, b = prompts(2)
-    outs = one_by_one(LLM("tiny", **SMALL_POOL), [a, b, a])
-    assert outs[2].metrics.num_cached_tokens == 3 * BLOCK
+def test_without_tiers_the_same_prompt_is_mostly_recomputed(plain_outputs):
+    assert plain_outputs[2].metrics.num_cached_tokens == 3 * BLOCK
 
 
 def test_restored_prefix_matches_transformers(llama_checkpoint):
@@ -200,8 +204,8 @@ def shared_prefix_prompts() -> list[list[int]]:
 
 def test_preemption_with_tiers_keeps_outputs_exact():
     batch = shared_prefix_prompts()
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    cfg = {"block_size": 8, "num_kv_blocks": 40}
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    cfg = {"block_size": 8, "num_kv_blocks": 36}
     plain = LLM("tiny", **cfg)
     want = tokens(plain.generate(batch, params))
     assert plain.engine.scheduler.num_preemptions > 0
