@@ -292,3 +292,18 @@ def test_config_validates_the_tiers(tmp_path):
         EngineConfig(kv_host_bytes=10, kv_disk_bytes=10)
     with pytest.raises(ValueError, match="kv_disk_bytes"):
         EngineConfig(kv_host_bytes=10, kv_disk_dir=str(tmp_path), kv_disk_bytes="lots")
+
+
+def test_cli_flags_take_sizes_with_units(tmp_path, capsys):
+    from workbench.cli import build_parser, engine_config_from_args, main
+
+    args = build_parser().parse_args(
+        ["generate", "--prompt", "x", "--kv-host-bytes", "512MiB", "--kv-disk-dir",
+         str(tmp_path), "--kv-disk-bytes", "4GB"]
+    )  # fmt: skip
+    config = engine_config_from_args(args)
+    assert (config.kv_host_bytes, config.kv_disk_dir, config.kv_disk_bytes) == (
+        512 * 2**20, str(tmp_path), 4 * 10**9
+    )  # fmt: skip
+    assert main(["generate", "--prompt", "x", "--kv-host-bytes", "lots"]) == 2
+    assert "kv_host_bytes must be a byte size" in capsys.readouterr().err
