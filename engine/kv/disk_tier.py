@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -103,7 +104,8 @@ class DiskTier:
         payload = record.numpy().tobytes()
         header = HEADER.pack(MAGIC, FORMAT_VERSION, block_hash, len(payload), zlib.crc32(payload))
         path = self.path(block_hash)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        # Unique per process and thread: two engines may write the same block at once.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             with open(tmp, "wb") as f:
                 f.write(header)
