@@ -61,7 +61,7 @@ def same(x: list[torch.Tensor], y: list[torch.Tensor]) -> bool:
 
 def test_the_host_tier_is_pinned(tmp_path):
     _, tiers = cuda_tiers(tmp_path)
-    assert tiers.host.buffer.is_pinned()
+    assert tiers.host.chunks and all(c.is_pinned() for c in tiers.host.chunks)
     assert tiers.side_stream is not None
 
 
@@ -115,3 +115,13 @@ def test_engine_outputs_with_tiers_equal_outputs_without_on_cuda(tmp_path, async
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
     assert outs[2].metrics.num_cached_tokens == (900 - 1) // 16 * 16
     assert tiered.engine.kv.tiers.host_stats.hits > 0
+
+
+def test_pinned_slots_come_in_chunks(monkeypatch):
+    from engine.kv import host_tier
+
+    monkeypatch.setattr(host_tier, "PINNED_CHUNK_BYTES", 4 * 64)
+    tier = host_tier.HostTier(10, 64, pin_memory=True, held=set())
+    assert [c.shape[0] for c in tier.chunks] == [4, 4, 2]
+    assert tier.row(9).data_ptr() == tier.chunks[2][1].data_ptr()
+    assert all(c.is_pinned() for c in tier.chunks)

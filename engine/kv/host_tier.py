@@ -6,9 +6,10 @@ least recently used first. Evicting an entry first hands it to `spill` (the disk
 slot's bytes are read before they are overwritten. Hashes in `held` (found by a lookup, waiting for
 their restore) are never evicted.
 
-On CUDA the buffer is pinned and the device copies run asynchronously: `events[slot]` marks the
+On CUDA the slots are pinned and the device copies run asynchronously: `events[slot]` marks the
 last device copy that touched the slot, and the host waits for it before it reads or reuses the
-slot.
+slot. PyTorch hands out pinned memory in power-of-two sizes, so the slots come in chunks of at
+most `PINNED_CHUNK_BYTES`: one 48 GiB buffer would pin 64 GiB, chunks waste less than a slot each.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+PINNED_CHUNK_BYTES = 2**30
 Spill = Callable[[int, torch.Tensor], None]  # (block hash, its record [bytes_per_block] uint8)
 
 
@@ -32,10 +34,17 @@ class HostTier:
     ) -> None:
         self.num_slots = num_slots
         self.bytes_per_block = bytes_per_block
-        # [num_slots, bytes_per_block] uint8: one block record per row
-        self.buffer = torch.empty(
-            (num_slots, bytes_per_block), dtype=torch.uint8, pin_memory=pin_memory
-        )
+        chunk = PINNED_CHUNK_BYTES // bytes_per_block if pin_memory else num_slots
+        self.rows_per_chunk = max(chunk, 1)
+        # each [rows, bytes_per_block] uint8: one block record per row, slot i in row i overall
+        self.chunks = [
+            torch.empty(
+                (min(self.rows_per_chunk, num_slots - start), bytes_per_block),
+                dtype=torch.uint8,
+                pin_memory=pin_memory,
+            )
+            for start in range(0, num_slots, self.rows_per_chunk)
+        ]
         self.slots: OrderedDict[int, int] = OrderedDict()  # block hash -> slot, LRU first
         self.free_slots: deque[int] = deque(range(num_slots))
         self.events: dict[int, torch.cuda.Event] = {}
@@ -53,6 +62,11 @@ class HostTier:
 
     def __contains__(self, block_hash: int) -> bool:
         return block_hash in self.slots
+
+    def row(self, slot: int) -> torch.Tensor:
+        """The slot's record: [bytes_per_block] uint8."""
+        chunk, row = divmod(slot, self.rows_per_chunk)
+        return self.chunks[chunk][row]
 
     def touch(self, block_hash: int) -> None:
         self.slots.move_to_end(block_hash)
@@ -80,7 +94,7 @@ class HostTier:
             slot = self.slots.pop(victim)
             self.wait(slot)
             if self.spill is not None:
-                self.spill(victim, self.buffer[slot])
+                self.spill(victim, self.row(slot))
             self.free_slots.append(slot)
             self.num_evictions += 1
         slot = self.free_slots.popleft()

@@ -162,14 +162,15 @@ class KVOffloader:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for i, slot in enumerate(slots):
-                    self.host.buffer[slot].copy_(records[i], non_blocking=True)
+                    self.host.row(slot).copy_(records[i], non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(side)
             records.record_stream(side)  # the gather's memory lives until the copies are done
             for slot in slots:
                 self.host.events[slot] = event
         else:
-            self.host.buffer.index_copy_(0, torch.tensor(slots), records)
+            for i, slot in enumerate(slots):
+                self.host.row(slot).copy_(records[i])
         self.host_stats.moved(len(moves) * self.bytes_per_block, into=True)
 
     def _spill(self, block_hash: int, record: torch.Tensor) -> None:
@@ -208,7 +209,7 @@ class KVOffloader:
     def restore(self, hashes: Sequence[int], block_ids: Sequence[int]) -> None:
         """Copy the records of `hashes` (found by `find`) into device pages `block_ids`."""
         sources = [
-            self._staged[h] if h in self._staged else self.host.buffer[self.host.slot_of(h)]
+            self._staged[h] if h in self._staged else self.host.row(self.host.slot_of(h))
             for h in hashes
         ]  # each [bytes_per_block] uint8 on the host
         ids = torch.tensor(list(block_ids), device=self.device)
