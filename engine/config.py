@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine.kv.sizes import parse_size
 from engine.quant.checkpoint import RECIPE_ALGOS
 
 if TYPE_CHECKING:
@@ -140,8 +141,15 @@ class EngineConfig:
     # Weights: None serves what the checkpoint holds (a ModelOpt export is detected); a recipe
     # (fp8, fp8_per_channel, int8_sq, int4_awq, w4a8_awq) must match it, or picks dummy weights'.
     quantization: str | None = None
+    # KV tiers (engine/kv/offload.py): cached prefix blocks evicted from the device pool go to host
+    # memory, then to files under kv_disk_dir (kept across restarts), and come back on a hit.
+    # Sizes are bytes or strings with a unit ("4GiB"); 0 / None: no such tier.
+    kv_host_bytes: int | str = 0
+    kv_disk_dir: str | None = None
+    kv_disk_bytes: int | str | None = None  # default with kv_disk_dir: DEFAULT_KV_DISK_BYTES
 
     def __post_init__(self) -> None:
+        self._check_kv_tiers()
         _check(
             isinstance(self.block_size, int) and self.block_size >= 1,
             f"block_size must be an integer >= 1, got {self.block_size!r}",
@@ -181,6 +189,27 @@ class EngineConfig:
             self.max_model_len is None or self.max_model_len >= 1,
             f"max_model_len must be >= 1, got {self.max_model_len}",
         )
+
+    def _check_kv_tiers(self) -> None:
+        self.kv_host_bytes = parse_size(self.kv_host_bytes, "kv_host_bytes")
+        if self.kv_disk_dir is None:
+            _check(self.kv_disk_bytes is None, "kv_disk_bytes needs kv_disk_dir")
+            return
+        self.kv_disk_dir = str(self.kv_disk_dir)
+        disk = DEFAULT_KV_DISK_BYTES if self.kv_disk_bytes is None else self.kv_disk_bytes
+        self.kv_disk_bytes = parse_size(disk, "kv_disk_bytes")
+        _check(
+            self.kv_host_bytes > 0,
+            "kv_disk_dir needs kv_host_bytes > 0: blocks reach the disk through the host tier",
+        )
+        _check(self.kv_disk_bytes > 0, "kv_disk_bytes must be > 0")
+
+    @property
+    def kv_tiers_enabled(self) -> bool:
+        return self.enable_prefix_caching and self.kv_host_bytes > 0
+
+
+DEFAULT_KV_DISK_BYTES = 16 * 2**30
 
 
 def _check(ok: bool, message: str) -> None:

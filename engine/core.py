@@ -106,6 +106,10 @@ class EngineCore:
         self.max_model_len = worker.max_model_len
         self.kv = worker.kv
         self.runner = worker.runner
+        if config.kv_tiers_enabled:
+            from engine.kv.offload import build_offloader
+
+            self.kv.attach_tiers(build_offloader(config, loaded, self.kv_cache))
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_tokens,

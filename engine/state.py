@@ -96,6 +96,7 @@ class KVStats:
     kv_blocks_free: int  # empty, not holding any cached prefix
     block_map: tuple[int, ...]  # per block: index into `running`, BLOCK_FREE or BLOCK_CACHED
     prefix_cache_hit_rate: float
+    kv_tiers: tuple[KVTierState, ...] = ()  # host, then disk; empty without tiers
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,24 @@ class ExpertLoad:
 
 
 @dataclass(frozen=True)
+class KVTierState:
+    """One KV tier (engine/kv/offload.py): host RAM or disk."""
+
+    name: str  # host | disk
+    blocks_used: int
+    blocks_capacity: int
+    capacity_bytes: int
+    hits: int  # blocks restored from this tier into the device pool
+    bytes_in: int  # written into this tier, in all
+    bytes_out: int  # read out of it towards the device, in all
+    bytes_per_s: float  # moved in or out over the last seconds
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KVTierState:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
 class EngineState:
     step: int
     timestamp: float  # time.time()
@@ -170,6 +189,7 @@ class EngineState:
     spec_verify_time_s: float | None = None  # total time of steps that verified drafts
     kv_cache_dtype: str | None = None  # how KV pages are stored: float8_e4m3fn, int8 or as dtype
     expert_load: ExpertLoad | None = None  # MoE models only
+    kv_tiers: tuple[KVTierState, ...] = ()  # host, then disk; empty without tiers
 
     @classmethod
     def assemble(
@@ -230,6 +250,7 @@ class EngineState:
             values["block_map"] = tuple(values.get("block_map", ()))
             load = values.get("expert_load")
             values["expert_load"] = ExpertLoad.from_dict(load) if load else None
+            values["kv_tiers"] = tuple(KVTierState.from_dict(t) for t in values.get("kv_tiers", ()))
             return cls(**values)
         except (TypeError, AttributeError) as err:
             raise ValueError(f"not an engine state: {err}") from None

@@ -46,6 +46,9 @@ def add_engine_args(
         choices=KV_CACHE_DTYPES,
         help="KV pages: auto (the checkpoint's KV quantization, else --dtype), fp8 or int8",
     )
+    g.add_argument("--kv-host-bytes", help="host RAM for evicted prefix blocks, e.g. 4GiB (off)")
+    g.add_argument("--kv-disk-dir", help="directory for prefix blocks evicted from host RAM")
+    g.add_argument("--kv-disk-bytes", help="disk budget of --kv-disk-dir, e.g. 100GB (16GiB)")
     g.add_argument(
         "--quantization",
         choices=RECIPE_ALGOS,
@@ -96,6 +99,9 @@ _ENGINE_FIELDS = (
     "max_model_len",
     "num_kv_blocks",
     "kv_cache_dtype",
+    "kv_host_bytes",
+    "kv_disk_dir",
+    "kv_disk_bytes",
     "quantization",
     "skip_tokenizer_init",
     "enable_prefix_caching",

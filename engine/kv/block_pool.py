@@ -3,6 +3,8 @@
 Invariant: a block is in `free_queue` exactly when its ref_cnt is 0. A free block may still hold a
 cached prefix (it has a `block_hash` and sits in `cached`); it is reused only when it reaches the
 head of the queue, and then loses its hash. The queue's head is the least recently freed block.
+`on_evict`, when set (the KV tiers, engine/kv/offload.py), is told which (block id, hash) pairs an
+`allocate` evicted, before the blocks are returned, so their pages can be copied out first.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,7 @@ class BlockPool:
         )
         self.cached: dict[int, KVBlock] = {}
         self.num_evictions = 0
+        self.on_evict: Callable[[list[tuple[int, int]]], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -66,14 +69,18 @@ class BlockPool:
         if n > len(self.free_queue):
             raise NoFreeBlocksError(f"asked for {n} blocks, {len(self.free_queue)} free")
         out = []
+        evicted: list[tuple[int, int]] = []
         for _ in range(n):
             _, block = self.free_queue.popitem(last=False)
             if block.block_hash is not None:
+                evicted.append((block.block_id, block.block_hash))
                 del self.cached[block.block_hash]
                 block.block_hash = None
                 self.num_evictions += 1
             block.ref_cnt = 1
             out.append(block)
+        if evicted and self.on_evict is not None:
+            self.on_evict(evicted)
         return out
 
     def touch(self, blocks: Iterable[KVBlock]) -> None:

@@ -4,12 +4,16 @@ registration of full blocks, and freeing.
 A request's blocks cover its computed tokens plus the tokens scheduled this step. Only full blocks
 whose every token is computed are registered in the prefix cache, so a cache hit never returns a
 page with missing K/V.
+
+With KV tiers attached (`attach_tiers`), a lookup that misses the device pool continues in the host
+and disk tiers: those blocks come back into fresh pages when the request's slots are allocated,
+before any prefill reads them, and count as cached tokens like device hits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engine.kv.block_pool import BlockPool, KVBlock, hash_block_tokens
 from engine.numeric import cdiv
@@ -28,10 +32,15 @@ class KVSequence(Protocol):
     def num_computed_tokens(self) -> int: ...
 
 
+if TYPE_CHECKING:
+    from engine.kv.offload import KVOffloader
+
+
 @dataclass(frozen=True)
 class CachedPrefix:
-    blocks: list[KVBlock]
-    num_tokens: int
+    blocks: list[KVBlock]  # device hits, in order
+    num_tokens: int  # of the device hits and the restored blocks together
+    restore: tuple[int, ...] = ()  # hashes of the blocks after them held by the KV tiers
 
 
 class KVCacheManager:
@@ -44,6 +53,12 @@ class KVCacheManager:
         self.req_num_registered: dict[str, int] = {}
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of which found cached
+        self.tiers: KVOffloader | None = None
+
+    def attach_tiers(self, tiers: KVOffloader) -> None:
+        """Cached blocks the pool evicts go to `tiers`; lookups continue there."""
+        self.tiers = tiers
+        self.pool.on_evict = tiers.save
 
     # --- lookup -------------------------------------------------------------------------------
 
@@ -62,13 +77,18 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return CachedPrefix([], 0)
         max_blocks = (request.num_tokens - 1) // self.block_size
+        hashes = self._hashes(request, max_blocks)
         blocks: list[KVBlock] = []
-        for block_hash in self._hashes(request, max_blocks):
+        for block_hash in hashes[:max_blocks]:
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
             blocks.append(block)
-        return CachedPrefix(blocks, len(blocks) * self.block_size)
+        restore: list[int] = []
+        if self.tiers is not None and len(blocks) < max_blocks:
+            restore = self.tiers.find(hashes[len(blocks) : max_blocks])
+        num_tokens = (len(blocks) + len(restore)) * self.block_size
+        return CachedPrefix(blocks, num_tokens, tuple(restore))
 
     def record_prefix_query(self, num_tokens: int, num_hit: int) -> None:
         self.prefix_queries += num_tokens
@@ -101,8 +121,14 @@ class KVCacheManager:
         blocks.extend(cached_blocks)
         if num_needed > 0:
             blocks.extend(self.pool.allocate(num_needed))
-        if cached_blocks:  # admission: the request held no blocks before
-            self.req_num_registered[request.request_id] = len(cached_blocks)
+        restore = cached.restore if cached else ()
+        if restore:  # the first new blocks take the tiers' records, then join the prefix cache
+            restored = blocks[len(cached_blocks) : len(cached_blocks) + len(restore)]
+            self.tiers.restore(restore, [b.block_id for b in restored])
+            for block, block_hash in zip(restored, restore, strict=True):
+                self.pool.register(block, block_hash)
+        if cached_blocks or restore:  # admission: the request held no blocks before
+            self.req_num_registered[request.request_id] = len(cached_blocks) + len(restore)
         return True
 
     def register_full_blocks(self, request: Request) -> None:
@@ -168,4 +194,5 @@ class KVCacheManager:
             kv_blocks_free=pool.num_free_blocks - cached_free,
             block_map=tuple(block_map),
             prefix_cache_hit_rate=self.prefix_hit_rate,
+            kv_tiers=self.tiers.states() if self.tiers is not None else (),
         )

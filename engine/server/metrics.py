@@ -75,6 +75,7 @@ class _StateCollector(Collector):
         yield counter("generation_tokens", "Tokens generated.", s.total_generated_tokens)
         yield counter("preemptions", "Requests preempted.", s.num_preemptions)
         yield counter("engine_steps", "Engine steps run.", s.step)
+        yield from _tier_metrics(s, labels, values)
         if s.spec_acceptance_rate is not None:
             yield gauge(
                 "spec_decode_acceptance_rate",
@@ -89,6 +90,33 @@ class _StateCollector(Collector):
             )
         if s.expert_load is not None:
             yield from expert_load_metrics(s.expert_load, PREFIX, labels, values)
+
+
+def _tier_metrics(s: EngineState, labels: list[str], values: list[str]) -> Iterator[Metric]:
+    """The KV tiers' blocks, hits and traffic, labelled by tier (host, disk)."""
+    if not s.kv_tiers:
+        return
+    tier_labels = [*labels, "tier"]
+    blocks = GaugeMetricFamily(
+        PREFIX + "kv_tier_blocks", "KV tier blocks by state.", labels=[*tier_labels, "state"]
+    )
+    hits = CounterMetricFamily(
+        PREFIX + "kv_tier_hits", "Blocks restored from the tier.", labels=tier_labels
+    )
+    moved = CounterMetricFamily(
+        PREFIX + "kv_tier_bytes", "Bytes into and out of the tier.", labels=[*tier_labels, "way"]
+    )
+    rate = GaugeMetricFamily(
+        PREFIX + "kv_tier_bytes_per_second", "Bytes moved, last seconds.", labels=tier_labels
+    )
+    for t in s.kv_tiers:
+        blocks.add_metric([*values, t.name, "used"], t.blocks_used)
+        blocks.add_metric([*values, t.name, "capacity"], t.blocks_capacity)
+        hits.add_metric([*values, t.name], t.hits)
+        moved.add_metric([*values, t.name, "in"], t.bytes_in)
+        moved.add_metric([*values, t.name, "out"], t.bytes_out)
+        rate.add_metric([*values, t.name], t.bytes_per_s)
+    yield from (blocks, hits, moved, rate)
 
 
 class ServerMetrics:
