@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-format", default="dummy")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quantization", default=None)
+    parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=64)
@@ -94,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--async-scheduling", action="store_true", help="overlap scheduling")
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs: torch.profiler sees each kernel (it sees none inside a graph)",
+    )
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -108,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=args.max_model_len,
             max_num_seqs=max(args.batch, 1),
             async_scheduling=args.async_scheduling,
+            kv_cache_dtype=args.kv_cache_dtype,
+            enforce_eager=args.enforce_eager,
             **extra,
         )
     )
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             f"== device: {busy_us / 1e3:.2f} ms of kernels per step, wall {wall * 1e3:.2f} ms "
             f"per step under the profiler"
         )
-        lines.append(events.table(sort_by="self_cuda_time_total", row_limit=30))
+        lines.append(events.table(sort_by="self_cuda_time_total", row_limit=40))
     report = "\n".join(lines)
     print(report)
     if args.out:

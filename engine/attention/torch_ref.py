@@ -39,7 +39,7 @@ class TorchAttention:
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], kv_cache, meta, scale)
+            self._decode(q[:nd], kv_cache, meta, scale, out[:nd])
         if meta.num_seqs > nd:
             self._prefills(q, kv_cache, meta, scale, out)
         return out
@@ -53,13 +53,16 @@ class TorchAttention:
             lo, hi = starts[i], starts[i + 1]
             out[lo:hi] = self._prefill(q[lo:hi], kv, meta, i, scale)
 
-    def _decode(self, q, kv: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(
+        self, q, kv: LayerKV, meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The decodes' attention [nd, heads, head_dim], written into `out` when given."""
         nd = q.shape[0]
         tables = meta.block_tables[:nd]  # [nd, max_blocks]
         keys, values = gather_kv(kv, tables, q.dtype)  # each [nd, ctx, kv_heads, head_dim]
         ctx = keys.shape[1]
         valid = torch.arange(ctx, device=q.device)[None, :] < meta.seq_lens[:nd, None]  # [nd, ctx]
-        out = F.scaled_dot_product_attention(
+        attended = F.scaled_dot_product_attention(
             q[:, :, None, :],  # [nd, heads, 1, head_dim]
             keys.transpose(1, 2),  # [nd, kv_heads, ctx, head_dim]
             values.transpose(1, 2),
@@ -67,7 +70,9 @@ class TorchAttention:
             scale=scale,
             enable_gqa=True,
         )
-        return out[:, :, 0, :]
+        if out is None:
+            return attended[:, :, 0, :]
+        return out.copy_(attended[:, :, 0, :])
 
     def _prefill(self, q, kv: LayerKV, meta: AttentionMetadata, i: int, scale: float):
         seq_len = meta.seq_lens_host[i]

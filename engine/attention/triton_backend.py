@@ -27,7 +27,9 @@ class TritonAttention(TorchAttention):
             prefill_kernel = os.environ.get(PREFILL_ENV_VAR, "1") != "0"
         self.prefill_kernel = prefill_kernel
 
-    def _decode(self, q, kv: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(
+        self, q, kv: LayerKV, meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         nd = q.shape[0]
         return paged_decode_attention(
             q,
@@ -36,6 +38,7 @@ class TritonAttention(TorchAttention):
             meta.block_tables[:nd],
             meta.seq_lens[:nd],
             scale,
+            out=out,  # written in place: no copy kernel into the step's output
             k_scale=kv.k_scale,
             v_scale=kv.v_scale,
         )

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from engine.attention.triton_pages import kv_scale_args
+from engine.kernels.pdl import pdl_launch, wait_for_predecessor
 from engine.numeric import cdiv
 
 MAX_SPLITS = 16
@@ -93,7 +94,9 @@ def _paged_decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per page
     TILE_PAGES: tl.constexpr,  # pages read per loop iteration
     PRECISION: tl.constexpr,  # "ieee" for float32 caches (no TF32 rounding), else "tf32"
+    USE_GDC: tl.constexpr,  # launched with PDL (engine/kernels/pdl.py)
 ):
+    wait_for_predecessor(USE_GDC)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -184,7 +187,9 @@ def _merge_splits_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
     HEAD_DIM: tl.constexpr,
+    USE_GDC: tl.constexpr,  # launched with PDL (engine/kernels/pdl.py)
 ):
+    wait_for_predecessor(USE_GDC)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
@@ -248,12 +253,14 @@ def paged_decode_attention(
     if num_splits is None:
         sms = _sm_count(q.device) if q.device.type == "cuda" else 4
         num_splits = choose_num_splits(num_seqs, num_kv_heads, block_tables.shape[1], sms)
-    q = q.contiguous()
+    if q.stride(-1) != 1:  # a strided view (the fused qkv's q) is read through its strides
+        q = q.contiguous()
     scales, k_scale, v_scale, stride_s_block, stride_s_pos = kv_scale_args(
         k_cache, k_scale, v_scale, q
     )
     tuning = tuning or default_tuning(num_splits, scales == 1)
     f32 = dict(dtype=torch.float32, device=q.device)
+    pdl = pdl_launch(q.device)
     part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, **f32)
     part_max = torch.empty(num_seqs, num_heads, num_splits, **f32)
     part_sum = torch.empty(num_seqs, num_heads, num_splits, **f32)
@@ -287,6 +294,7 @@ def paged_decode_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=tuning.num_warps,
         num_stages=tuning.num_stages,
+        **pdl,
     )
     _merge_splits_kernel[(num_seqs, num_heads)](
         part_acc,
@@ -299,5 +307,6 @@ def paged_decode_attention(
         SPLITS_PAD=triton.next_power_of_2(num_splits),
         HEAD_DIM=head_dim,
         num_warps=1,
+        **pdl,
     )
     return out

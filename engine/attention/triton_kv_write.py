@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_launch, wait_for_predecessor
 from engine.kv.cache import LayerKV
 from engine.kv.quant import _MIN_AMAX
 from engine.numeric import FP8_MAX, INT8_MAX
@@ -38,7 +39,9 @@ def _kv_write_kernel(
     FP8_MAX: tl.constexpr,
     INT8_MAX: tl.constexpr,
     MIN_AMAX: tl.constexpr,
+    USE_GDC: tl.constexpr,  # launched with PDL (engine/kernels/pdl.py)
 ):
+    wait_for_predecessor(USE_GDC)
     token = tl.program_id(0)
     head = tl.program_id(1)
     slot = tl.load(slots_ptr + token)
@@ -115,4 +118,5 @@ def write_kv_triton(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slots: torch.
         INT8_MAX=INT8_MAX,
         MIN_AMAX=_MIN_AMAX,
         num_warps=1,
+        **pdl_launch(k.device),
     )

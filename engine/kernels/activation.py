@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from engine.kernels.pdl import pdl_launch, wait_for_predecessor
 from engine.kernels.rounding import round_to
 from engine.numeric import FP8_MAX
 
@@ -32,7 +33,9 @@ def _silu_and_mul_kernel(
     BLOCK: tl.constexpr,
     PRECISE: tl.constexpr,  # libdevice expf and IEEE division (compiled GPU code only)
     QUANT: tl.constexpr,  # write e4m3(out * inv_scale): quantize_fp8's arithmetic
+    USE_GDC: tl.constexpr,  # launched with PDL (engine/kernels/pdl.py)
 ):
+    wait_for_predecessor(USE_GDC)
     tok = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -75,5 +78,6 @@ def silu_and_mul(x: torch.Tensor, inv_scale: torch.Tensor | None = None) -> torc
         QUANT=inv_scale is not None,
         num_warps=4,
         enable_fp_fusion=False,
+        **pdl_launch(x.device),
     )
     return out

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_launch, wait_for_predecessor
 from engine.kernels.rounding import round_to
 from engine.numeric import FP8_MAX
 
@@ -40,7 +41,9 @@ def _rms_norm_kernel(
     BLOCK_N: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     QUANT: tl.constexpr,  # write e4m3(out * inv_scale) instead of out: quantize_fp8's arithmetic
+    USE_GDC: tl.constexpr,  # launched with PDL (engine/kernels/pdl.py)
 ):
+    wait_for_predecessor(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     tok = row // H
     head = row % H
@@ -99,6 +102,7 @@ def _launch(
         QUANT=inv_scale is not None,
         num_warps=min(16, max(1, block // 512)),
         enable_fp_fusion=False,  # no FMA contraction: round where torch rounds
+        **pdl_launch(x.device),
     )
 
 

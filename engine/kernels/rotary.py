@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_launch, wait_for_predecessor
 from engine.kernels.rounding import round_to
 
 
@@ -64,7 +65,9 @@ def _rotary_kernel(
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    USE_GDC: tl.constexpr,  # launched with PDL (engine/kernels/pdl.py)
 ):
+    wait_for_predecessor(USE_GDC)
     tok = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
@@ -144,4 +147,5 @@ def rotary_embedding(
         BLOCK_H=block_h,
         num_warps=4,
         enable_fp_fusion=False,  # round each product as torch does
+        **pdl_launch(q.device),
     )

@@ -13,10 +13,13 @@ Graph-safe: no host syncs; outputs are allocated at the same size every replay.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_launch, wait_for_predecessor
 from engine.numeric import FP8_MAX
 
 _FP8_MAX = tl.constexpr(FP8_MAX)  # what the kernels may read (a global must be a constexpr)
@@ -32,7 +35,9 @@ def _quantize_fp8_kernel(
     stride_out,
     n_cols,
     BLOCK: tl.constexpr,
+    USE_GDC: tl.constexpr,  # launched with PDL (engine/kernels/pdl.py)
 ):
+    wait_for_predecessor(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -51,9 +56,26 @@ def quantize_fp8_static(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tenso
         return out
     block = min(2048, triton.next_power_of_2(k))
     _quantize_fp8_kernel[(m, triton.cdiv(k, block))](
-        x, out, inv_scale, x.stride(0), out.stride(0), k, BLOCK=block, num_warps=4
+        x,
+        out,
+        inv_scale,
+        x.stride(0),
+        out.stride(0),
+        k,
+        BLOCK=block,
+        num_warps=4,
+        **pdl_launch(x.device),
     )
     return out
+
+
+@triton.jit
+def _gemv_tile(acc, w, x_row, k, k_ok, inv, QUANTIZED: tl.constexpr):
+    """acc [BLOCK_N] + w [BLOCK_N, BLOCK_K] e4m3 . e4m3(x[k]) [BLOCK_K], in float32."""
+    x = tl.load(x_row + k, mask=k_ok, other=0.0)  # [BLOCK_K]
+    if not QUANTIZED:
+        x = tl.clamp(x.to(tl.float32) * inv, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+    return acc + tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
 
 
 @triton.jit
@@ -74,23 +96,26 @@ def _fp8_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_GDC: tl.constexpr,  # launched with PDL (engine/kernels/pdl.py)
 ):
     row = tl.program_id(0)  # fastest: the rows of one weight tile run together and share it in L2
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
-    inv = tl.load(inv_scale_ptr)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w  # [BLOCK_N, 1]
     x_row = x_ptr + row * stride_x
-    for k0 in range(0, K, BLOCK_K):
+    # The first weight tile is read before waiting on the kernel before: no step writes weights,
+    # so with PDL this load overlaps that kernel's last programs.
+    k_ok = ks < K
+    w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    wait_for_predecessor(USE_GDC)
+    inv = tl.load(inv_scale_ptr)
+    acc = _gemv_tile(tl.zeros([BLOCK_N], dtype=tl.float32), w, x_row, ks, k_ok, inv, QUANTIZED)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + ks
         k_ok = k < K
-        x = tl.load(x_row + k, mask=k_ok, other=0.0)  # [BLOCK_K]
-        if not QUANTIZED:
-            x = tl.clamp(x.to(tl.float32) * inv, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
         w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
+        acc = _gemv_tile(acc, w, x_row, k, k_ok, inv, QUANTIZED)
     y = acc * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
     y = y.to(out_ptr.dtype.element_ty)
     if HAS_BIAS:
@@ -98,16 +123,20 @@ def _fp8_gemv_kernel(
     tl.store(out_ptr + row * stride_out + cols, y, mask=col_ok)
 
 
+TILES_ENV_VAR = "WORKBENCH_GEMV_TILES"  # "BLOCK_N:BLOCK_K" for every shape, for A/B runs
+
+
 def gemv_tiles(n: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) by output width, the best of scripts/bench_decode_kernels.py's grid on
-    the H200 at the Llama-3.1-8B shapes (M = 1, share of the copy bandwidth; cuBLASLt's in
-    brackets): gate_up N 28672 32x256 0.90 (0.86); qkv N 6144 16x512 0.81 (0.63); o and down
-    N 4096 8x1024 0.66 (0.55, 0.65)."""
-    if n >= 16384:
-        return 32, 256
-    if n > 4096:
-        return 16, 512
-    return 8, 1024
+    """(BLOCK_N, BLOCK_K) for a GEMV of output width n. 4 x 2048 is within 2% of the best of
+    scripts/bench_decode_kernels.py's grid at every Llama-3.1-8B shape on the H200 (M = 1, weights
+    read past the L2 cache; share of the copy bandwidth, quantize + cuBLASLt in brackets): qkv
+    0.60 (0.53), o 0.55 (0.45), gate_up 0.90 (0.81), down 0.78 (0.65). The small ones are bound by a
+    ~3 us launch-and-ramp cost per kernel, which PDL (engine/kernels/pdl.py) overlaps."""
+    forced = os.environ.get(TILES_ENV_VAR)
+    if forced:
+        block_n, block_k = map(int, forced.split(":"))
+        return block_n, block_k
+    return 4, 2048
 
 
 def fp8_gemv(
@@ -151,5 +180,6 @@ def fp8_gemv(
         BLOCK_N=block_n,
         BLOCK_K=min(block_k, triton.next_power_of_2(k)),
         num_warps=num_warps,
+        **pdl_launch(x.device),
     )
     return out
