@@ -45,13 +45,12 @@ class DecodeTuning:
     tile_tokens: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    kv_first: int = 0  # 1: K and V as the dots' first operand (the query and weights second)
 
     def tile_pages(self, block_size: int) -> int:
         return max(1, self.tile_tokens // block_size)
 
 
-TUNING_ENV_VAR = "WORKBENCH_DECODE_TUNING"  # "TILE_TOKENS:WARPS:STAGES[:KV_FIRST]" (A/B runs)
+TUNING_ENV_VAR = "WORKBENCH_DECODE_TUNING"  # "TILE_TOKENS:WARPS:STAGES" for every launch (A/B runs)
 
 
 def default_tuning(num_splits: int, fp8_pages: bool) -> DecodeTuning:
@@ -65,34 +64,6 @@ def default_tuning(num_splits: int, fp8_pages: bool) -> DecodeTuning:
     if forced:
         return DecodeTuning(*map(int, forced.split(":")))
     return DecodeTuning()
-
-
-@triton.jit
-def _load_tile(
-    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bt_row, tile_page, kv_head,
-    t, page_of_t, slot_of_t, dims, end, dtype: tl.constexpr, stride_k_block, stride_k_pos,
-    stride_k_head, stride_s_block, stride_s_pos, SCALES: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-):  # fmt: skip
-    """One tile of TILE_PAGES pages -> (k, v [TILE, HEAD_DIM] in dtype, pos_ok [TILE], and for
-    int8 pages the per-token scales ks, vs [TILE]; for the others 0)."""
-    pos = tile_page * BLOCK_SIZE + t  # [TILE]
-    pos_ok = pos < end
-    block = tl.load(bt_row + tile_page + page_of_t, mask=pos_ok, other=0)  # [TILE]
-    kv_offs = (
-        block[:, None] * stride_k_block
-        + slot_of_t[:, None] * stride_k_pos
-        + kv_head * stride_k_head
-        + dims[None, :]
-    )  # [TILE, HEAD_DIM]
-    k = tl.load(k_cache_ptr + kv_offs, mask=pos_ok[:, None], other=0.0).to(dtype)
-    v = tl.load(v_cache_ptr + kv_offs, mask=pos_ok[:, None], other=0.0).to(dtype)
-    ks = 0.0
-    vs = 0.0
-    if SCALES == 2:
-        s_offs = block * stride_s_block + slot_of_t * stride_s_pos + kv_head  # [TILE]
-        ks = tl.load(k_scale_ptr + s_offs, mask=pos_ok, other=0.0)
-        vs = tl.load(v_scale_ptr + s_offs, mask=pos_ok, other=0.0)
-    return k, v, pos_ok, ks, vs
 
 
 @triton.jit
@@ -124,7 +95,6 @@ def _paged_decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per page
     TILE_PAGES: tl.constexpr,  # pages read per loop iteration
     PRECISION: tl.constexpr,  # "ieee" for float32 caches (no TF32 rounding), else "tf32"
-    KV_FIRST: tl.constexpr,  # DecodeTuning.kv_first
     USE_GDC: tl.constexpr,  # launched with PDL (engine/kernels/pdl.py)
 ):
     wait_for_predecessor(USE_GDC)
@@ -168,52 +138,35 @@ def _paged_decode_split_kernel(
 
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     bt_row = block_tables_ptr + seq * stride_bt_seq
-    if KV_FIRST:
-        # Transposed: scores^T = K q^T and acc^T = V^T p^T, so the large tiles (K, V) are the
-        # MMA's first operand and the small ones (the group's queries and weights) its second.
-        q_t = tl.trans(q)  # [HEAD_DIM, GROUP_PAD]
-        acc_t = tl.zeros([HEAD_DIM, GROUP_PAD], dtype=tl.float32)
-        for tile_page in range(first_page, last_page, TILE_PAGES):
-            k, v, pos_ok, ks, vs = _load_tile(
-                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bt_row, tile_page, kv_head,
-                t, page_of_t, slot_of_t, dims, end, dtype, stride_k_block, stride_k_pos,
-                stride_k_head, stride_s_block, stride_s_pos, SCALES, BLOCK_SIZE,
-            )  # fmt: skip
-            scores = tl.dot(k, q_t, input_precision=PRECISION).to(tl.float32)  # [TILE, GROUP_PAD]
-            if SCALES == 2:
-                scores = scores * ks[:, None]
-            scores = tl.where(pos_ok[:, None], scores * score_scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[None, :])  # [TILE, GROUP_PAD]
-            denom = denom * alpha + tl.sum(p, axis=0)
-            if SCALES == 2:
-                p = p * vs[:, None]
-            pv = tl.dot(tl.trans(v), p.to(dtype), input_precision=PRECISION)
-            acc_t = acc_t * alpha[None, :] + pv  # [HEAD_DIM, GROUP_PAD]
-            m = m_new
-        acc = tl.trans(acc_t)
-    else:
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-        for tile_page in range(first_page, last_page, TILE_PAGES):
-            k, v, pos_ok, ks, vs = _load_tile(
-                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bt_row, tile_page, kv_head,
-                t, page_of_t, slot_of_t, dims, end, dtype, stride_k_block, stride_k_pos,
-                stride_k_head, stride_s_block, stride_s_pos, SCALES, BLOCK_SIZE,
-            )  # fmt: skip
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)
-            if SCALES == 2:  # int8: per-token scales scale the scores' and the weights' columns
-                scores = scores * ks[None, :]
-            scores = tl.where(pos_ok[None, :], scores * score_scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[:, None])  # [GROUP_PAD, TILE]
-            denom = denom * alpha + tl.sum(p, axis=1)
-            if SCALES == 2:
-                p = p * vs[None, :]
-            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
-            m = m_new
+    for tile_page in range(first_page, last_page, TILE_PAGES):
+        pos = tile_page * BLOCK_SIZE + t  # [TILE]
+        pos_ok = pos < end
+        block = tl.load(bt_row + tile_page + page_of_t, mask=pos_ok, other=0)  # [TILE]
+        kv_offs = (
+            block[:, None] * stride_k_block
+            + slot_of_t[:, None] * stride_k_pos
+            + kv_head * stride_k_head
+            + dims[None, :]
+        )  # [TILE, HEAD_DIM]
+        k = tl.load(k_cache_ptr + kv_offs, mask=pos_ok[:, None], other=0.0).to(dtype)
+        v = tl.load(v_cache_ptr + kv_offs, mask=pos_ok[:, None], other=0.0).to(dtype)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)
+        if SCALES == 2:  # int8: per-token scales scale the scores' and the weights' columns
+            s_offs = block * stride_s_block + slot_of_t * stride_s_pos + kv_head  # [TILE]
+            ks = tl.load(k_scale_ptr + s_offs, mask=pos_ok, other=0.0)
+            vs = tl.load(v_scale_ptr + s_offs, mask=pos_ok, other=0.0)
+            scores = scores * ks[None, :]
+        scores = tl.where(pos_ok[None, :], scores * score_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])  # [GROUP_PAD, TILE]
+        denom = denom * alpha + tl.sum(p, axis=1)
+        if SCALES == 2:
+            p = p * vs[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
+        m = m_new
     if SCALES == 1:
         acc = acc * tl.load(v_scale_ptr)
 
@@ -330,7 +283,6 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         TILE_PAGES=tuning.tile_pages(block_size),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        KV_FIRST=bool(tuning.kv_first),
         num_warps=tuning.num_warps,
         num_stages=tuning.num_stages,
         **pdl,
