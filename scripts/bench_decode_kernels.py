@@ -150,14 +150,8 @@ def gemv_rows(args, bandwidth: float) -> list[dict]:
                 ),
             }
             for config in args.gemv_configs.split(","):
-                bn, bk, warps, *per_sm = map(int, config.split(":"))
-                gemv = partial(
-                    fp8_gemv,
-                    block_n=bn,
-                    block_k=bk,
-                    num_warps=warps,
-                    programs_per_sm=per_sm[0] if per_sm else 0,
-                )
+                bn, bk, warps = map(int, config.split(":"))
+                gemv = partial(fp8_gemv, block_n=bn, block_k=bk, num_warps=warps)
                 variants[f"fp8 gemv {config}"] = (
                     _cycling(
                         gemv,
@@ -204,11 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda s: [int(x) for x in s.split(",")],
         help="activation rows M of the GEMV cases",
     )
-    parser.add_argument(
-        "--gemv-configs",
-        default="4:2048:4",
-        help="BLOCK_N:BLOCK_K:WARPS[:PROGRAMS_PER_SM],... (no 4th field: a program per tile)",
-    )
+    parser.add_argument("--gemv-configs", default="16:512:4", help="BLOCK_N:BLOCK_K:WARPS,...")
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--out", default=None, help="append the rows as JSON lines")

@@ -73,9 +73,6 @@ def check_gemv(device: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
         got = fp8_gemv(x_q, inv, x_scale, w_q, w_scale, bias, torch.float32)
         torch.testing.assert_close(got, want + bias, rtol=1e-5, atol=1e-4)
-        # Fewer programs than tiles: each loops over several.
-        got = fp8_gemv(x_q, inv, x_scale, w_q, w_scale, bias, torch.float32, 4, 64, 4, 1)
-        torch.testing.assert_close(got, want + bias, rtol=1e-5, atol=1e-4)
         # Quantized inside the kernel.
         got = fp8_gemv(x, inv, x_scale, w_q, w_scale, None, torch.float32)
         if device == "cpu":  # the interpreter's e4m3 cast rounds differently: a loose bound

@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from engine.attention.triton_pages import kv_scale_args
-from engine.kernels import sm_count
 from engine.kernels.pdl import pdl_launch, wait_for_predecessor
 from engine.numeric import cdiv
 
@@ -218,6 +217,16 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_pages: int, num_sms:
     return max(1, min(MAX_SPLITS, wanted, max_pages))
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [num_seqs, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -242,7 +251,7 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     if num_splits is None:
-        sms = sm_count(q.device) if q.device.type == "cuda" else 4
+        sms = _sm_count(q.device) if q.device.type == "cuda" else 4
         num_splits = choose_num_splits(num_seqs, num_kv_heads, block_tables.shape[1], sms)
     if q.stride(-1) != 1:  # a strided view (the fused qkv's q) is read through its strides
         q = q.contiguous()

@@ -54,17 +54,6 @@ def fused_kernel_names(device: torch.device, dtype: torch.dtype) -> frozenset[st
     return names
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached: the query costs microseconds)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def __getattr__(name: str):
     # The kernels' modules import triton; load one on first use and keep its function here, so
     # later lookups are plain module attributes.

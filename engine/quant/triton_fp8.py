@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels import sm_count
 from engine.kernels.pdl import pdl_launch, wait_for_predecessor
 from engine.numeric import FP8_MAX
 
@@ -99,47 +98,32 @@ def _fp8_gemv_kernel(
     BLOCK_K: tl.constexpr,
     USE_GDC: tl.constexpr,  # launched with PDL (engine/kernels/pdl.py)
 ):
-    # Axis 0 (fastest) is the row: the rows of one weight tile run together and share it in L2.
-    # Axis 1 may have fewer programs than tiles: each then takes every num_programs(1)-th tile,
-    # so a grid sized to the GPU has no last, part-filled wave.
-    row = tl.program_id(0)
-    first_tile = tl.program_id(1)
-    num_tiles = tl.cdiv(N, BLOCK_N)
+    row = tl.program_id(0)  # fastest: the rows of one weight tile run together and share it in L2
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
+    col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w  # [BLOCK_N, 1]
     x_row = x_ptr + row * stride_x
-    # The first weight block is read before waiting on the kernel before: no step writes
-    # weights, so with PDL this load overlaps that kernel's last programs.
-    cols = first_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
-    w = tl.load(
-        w_ptr + cols.to(tl.int64)[:, None] * stride_w + ks[None, :],
-        mask=(cols < N)[:, None] & (ks < K)[None, :],
-        other=0.0,
-    )
+    # The first weight tile is read before waiting on the kernel before: no step writes weights,
+    # so with PDL this load overlaps that kernel's last programs.
+    k_ok = ks < K
+    w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
     wait_for_predecessor(USE_GDC)
     inv = tl.load(inv_scale_ptr)
-    x_scale = tl.load(x_scale_ptr)
-    for tile in range(first_tile, num_tiles, tl.num_programs(1)):
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w  # [BLOCK_N, 1]
-        if tile != first_tile:
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc = _gemv_tile(acc, w, x_row, ks, ks < K, inv, QUANTIZED)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            k = k0 + ks
-            k_ok = k < K
-            w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _gemv_tile(acc, w, x_row, k, k_ok, inv, QUANTIZED)
-        y = acc * x_scale * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
-        y = y.to(out_ptr.dtype.element_ty)
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
-        tl.store(out_ptr + row * stride_out + cols, y, mask=col_ok)
+    acc = _gemv_tile(tl.zeros([BLOCK_N], dtype=tl.float32), w, x_row, ks, k_ok, inv, QUANTIZED)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < K
+        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _gemv_tile(acc, w, x_row, k, k_ok, inv, QUANTIZED)
+    y = acc * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
+    y = y.to(out_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
+    tl.store(out_ptr + row * stride_out + cols, y, mask=col_ok)
 
 
 TILES_ENV_VAR = "WORKBENCH_GEMV_TILES"  # "BLOCK_N:BLOCK_K" for every shape, for A/B runs
-WAVES_ENV_VAR = "WORKBENCH_GEMV_WAVES"  # programs per SM along N (0: one program per tile)
 
 
 def gemv_tiles(n: int) -> tuple[int, int]:
@@ -166,11 +150,9 @@ def fp8_gemv(
     block_n: int | None = None,
     block_k: int | None = None,
     num_warps: int = 4,
-    programs_per_sm: int | None = None,
 ) -> torch.Tensor:
     """-> e4m3(x / s_x) @ w_q^T * s_x * s_w (+ bias), [M, N] in out_dtype. The bias is added in
-    out_dtype after the rounding, as `y + bias` in torch. Tiles default to `gemv_tiles`;
-    `programs_per_sm` caps the programs along N (each then loops over several tiles)."""
+    out_dtype after the rounding, as `y + bias` in torch. Tiles default to `gemv_tiles`."""
     m, k = x.shape
     n = w_q.shape[0]
     if block_n is None or block_k is None:
@@ -180,13 +162,7 @@ def fp8_gemv(
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    programs = triton.cdiv(n, block_n)
-    if programs_per_sm is None:
-        programs_per_sm = int(os.environ.get(WAVES_ENV_VAR, "0"))
-    if programs_per_sm > 0:  # (the interpreter: as if 4 SMs)
-        sms = sm_count(x.device) if x.is_cuda else 4
-        programs = min(programs, programs_per_sm * sms)
-    _fp8_gemv_kernel[(m, programs)](
+    _fp8_gemv_kernel[(m, triton.cdiv(n, block_n))](
         x,
         w_q,
         out,
