@@ -57,18 +57,21 @@ def _hf_model(path: str):
 
 
 def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """The oracle: transformers greedy decoding, exactly max_new_tokens tokens (EOS ignored)."""
+    """The oracle: transformers' model, greedy (argmax) for exactly max_new_tokens tokens with its
+    KV cache. A plain loop rather than `generate(min_new_tokens=...)`: that masks the EOS token
+    until the last step, while the engine's `ignore_eos` only keeps going past EOS (as vLLM's
+    does); a tiny Mixtral whose greedy choice was its EOS id (249) told the two apart."""
     model = _hf_model(str(path))
+    tokens: list[int] = []
+    past = None
+    step_input = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt_ids) :].tolist()
+        for _ in range(max_new_tokens):
+            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+            step_input = torch.tensor([[tokens[-1]]])
+    return tokens
 
 
 def random_prompts(lengths: list[int], vocab: int = 256, seed: int = 0) -> list[list[int]]:
