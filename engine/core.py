@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -52,6 +52,9 @@ from engine.state import EngineState, StepStats
 from engine.stop import Stop
 from engine.structured import GrammarBackend
 from engine.worker import build_worker
+
+if TYPE_CHECKING:
+    from engine.distributed.executor import TPExecutor
 
 CPU_KV_CACHE_BYTES = 128 * 2**20
 
@@ -84,6 +87,19 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         loaded: LoadedModel = load_model(config)
+        # Tensor parallelism: the workers start and rank 0 keeps its shard of `loaded`.
+        self.executor: TPExecutor | None = None
+        if config.tensor_parallel_size > 1:
+            from engine.distributed.executor import TPExecutor
+
+            self.executor = TPExecutor(config, loaded)
+        try:
+            self._build(config, loaded)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _build(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.model = loaded.model
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
@@ -105,7 +121,7 @@ class EngineCore:
         self.kv_cache = worker.kv_cache
         self.max_model_len = worker.max_model_len
         self.kv = worker.kv
-        self.runner = worker.runner
+        self.runner = worker.runner if self.executor is None else self.executor.attach(worker)
         if config.kv_tiers_enabled:
             from engine.kv.offload import build_offloader
 
@@ -507,6 +523,15 @@ class EngineCore:
             del self._streams[request.request_id]
         return out
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do in one process); idempotent."""
+        if self.executor is not None:
+            self.executor.shutdown()
+
+    def __del__(self) -> None:
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown()
+
     def state(self) -> EngineState:
         """A snapshot: each owner (KV manager, scheduler, speculator, a MoE model's routers)
         reports its own part."""
@@ -526,4 +551,6 @@ class EngineCore:
             total_prompt_tokens=self.total_prompt_tokens,
             total_generated_tokens=self.total_generated_tokens,
             expert_load=read_expert_load(self.model, self.step_index),
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            ranks=self.executor.rank_memory() if self.executor is not None else (),
         )
