@@ -31,9 +31,10 @@ from engine.state import RankState
 
 
 def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
-    """Rank's own config: on CUDA rank r runs on cuda:r."""
+    """Rank's own config: on CUDA rank r runs on cuda:r; no tokenizer (rank 0 tokenizes)."""
     from engine.model.builder import resolve_device
 
+    config = replace(config, skip_tokenizer_init=True)
     if resolve_device(config.device).type == "cuda":
         return replace(config, device=f"cuda:{rank}")
     return config
