@@ -154,8 +154,8 @@ def test_quantized_weights_quantized_kv_and_speculation(checkpoint_root):
         assert llm.state().spec_acceptance_rate is not None
     assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
     for out, ref in zip(outs, alone, strict=True):
-        diffs = [abs(a.logprob - b.logprob) for a, b in zip(out.logprobs, ref.logprobs)]
-        assert max(diffs) < 1e-3
+        pairs = zip(out.logprobs, ref.logprobs, strict=True)
+        assert max(abs(a.logprob - b.logprob) for a, b in pairs) < 1e-3
 
 
 # --- what is refused, before any process starts -------------------------------------------
