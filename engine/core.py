@@ -26,6 +26,7 @@ penalties, min_tokens) make the engine run steps one at a time while they are in
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -112,7 +113,7 @@ class EngineCore:
         worker = build_worker(
             config,
             loaded,
-            num_blocks=lambda layout: self._num_kv_blocks(layout, model_max_len),
+            num_blocks=lambda layout: self._size_pool(layout, model_max_len),
             enable_prefix_caching=config.enable_prefix_caching,
             use_graphs=self.device.type == "cuda" and not config.enforce_eager,
         )
@@ -155,6 +156,14 @@ class EngineCore:
         self.recent_steps: deque[StepStats] = deque(maxlen=256)
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0
+
+    def _size_pool(self, layout: KVLayout, max_model_len: int) -> int:
+        """The pool's pages; tensor-parallel workers start building theirs at once, as CUDA
+        graph capture (next, on every rank) runs the model's collectives."""
+        num_blocks = self._num_kv_blocks(layout, max_model_len)
+        if self.executor is not None:
+            self.executor.build_workers(num_blocks)
+        return num_blocks
 
     def _num_kv_blocks(self, layout: KVLayout, max_model_len: int) -> int:
         cfg = self.config
@@ -530,7 +539,8 @@ class EngineCore:
 
     def __del__(self) -> None:
         if getattr(self, "executor", None) is not None:
-            self.executor.shutdown()
+            with contextlib.suppress(Exception):  # at interpreter exit modules may be gone
+                self.executor.shutdown()
 
     def state(self) -> EngineState:
         """A snapshot: each owner (KV manager, scheduler, speculator, a MoE model's routers)

@@ -116,18 +116,27 @@ def test_tp2_state_reports_every_rank_and_its_shard(reference, tp2):
 
 
 @pytest.mark.parametrize(
-    ("family", "overrides", "world"),
+    ("family", "overrides", "world", "engine_kwargs"),
     [
-        pytest.param("llama3", {"vocab_size": 257}, 2, id="llama3-kv2-vocab257-tp2"),
-        pytest.param("qwen2", {"num_key_value_heads": 1}, 2, id="qwen2-bias-tied-kv1-tp2"),
-        pytest.param("qwen3", {}, 4, id="qwen3-qknorm-kv2-tp4"),
+        # Overlap scheduling: the step's inputs patched from the step in flight's tokens, which
+        # rank 0 broadcasts.
+        pytest.param(
+            "llama3",
+            {"vocab_size": 257},
+            2,
+            {"async_scheduling": True},
+            id="llama3-kv2-vocab257-tp2-overlap",
+        ),
+        pytest.param("qwen2", {"num_key_value_heads": 1}, 2, {}, id="qwen2-bias-tied-kv1-tp2"),
+        pytest.param("qwen3", {}, 4, {}, id="qwen3-qknorm-kv2-tp4"),
     ],
 )
-def test_tiny_configs_equal_one_process(checkpoint_root, family, overrides, world):
+def test_tiny_configs_equal_one_process(checkpoint_root, family, overrides, world, engine_kwargs):
     path = str(cached_tiny_checkpoint(checkpoint_root, family, **overrides))
     prompts = random_prompts([7, 19, 3], seed=4)
-    want = tokens(LLM(path, **SMALL), prompts)
-    with LLM(path, tensor_parallel_size=world, **SMALL) as llm:
+    kwargs = {**SMALL, **engine_kwargs}
+    want = tokens(LLM(path, **kwargs), prompts)
+    with LLM(path, tensor_parallel_size=world, **kwargs) as llm:
         assert tokens(llm, prompts) == want
         kv_heads = llm.engine.model.num_kv_heads
         assert kv_heads == max(1, llm.engine.model.config.num_key_value_heads // world)

@@ -77,12 +77,15 @@ class TPExecutor:
         self._weight_bytes = loaded.weight_bytes
         self._kv_bytes = 0
 
-    def attach(self, worker: Worker) -> TPRunner:
-        """Have every worker build its share of `worker`'s pool (the same pages) -> rank 0's
-        runner that sends each step to them."""
-        self._kv_bytes = worker.kv_cache.num_bytes
+    def build_workers(self, num_blocks: int) -> None:
+        """Have every worker build its share of a pool of `num_blocks` pages (rank 0's)."""
         for conn in self._conns:
-            conn.send(("build", worker.num_blocks))
+            conn.send(("build", num_blocks))
+
+    def attach(self, worker: Worker) -> TPRunner:
+        """Wait for the workers built by `build_workers` -> rank 0's runner over `worker`,
+        which sends each step to them."""
+        self._kv_bytes = worker.kv_cache.num_bytes
         self._memory = tuple(self._reply(rank, "ready", None) for rank in self.worker_ranks)
         return TPRunner(worker.runner, self)
 

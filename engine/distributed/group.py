@@ -53,6 +53,9 @@ class TPGroup:
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             self._pg = dist.ProcessGroupNCCL(self._store, rank, self.world_size, options)
+            # NCCL makes its communicator at the first collective, which must not be inside a
+            # CUDA graph capture.
+            self.barrier()
         else:
             self._pg = dist.ProcessGroupGloo(self._store, rank, self.world_size, timeout)
 
@@ -62,14 +65,19 @@ class TPGroup:
         return tensor
 
     def all_gather_last(self, tensor: torch.Tensor) -> torch.Tensor:
-        """[..., n] on each rank -> [..., world_size * n], rank 0's columns first."""
+        """[rows, n] on each rank -> [rows, world_size * n], rank 0's columns first."""
+        rows, n = tensor.shape
+        if self.device.type == "cuda":  # one flat buffer: what NCCL (and a CUDA graph) wants
+            flat = tensor.new_empty(self.world_size * rows, n)  # [world * rows, n]
+            self._pg._allgather_base(flat, tensor.contiguous()).wait()
+            return flat.view(self.world_size, rows, n).permute(1, 0, 2).reshape(rows, -1)
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         self._pg.allgather([parts], [tensor.contiguous()]).wait()
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0's `tensor` into every rank's (same shape and dtype), in place."""
-        self._pg.broadcast([tensor], 0).wait()
+        self._pg.broadcast(tensor, 0).wait()
         return tensor
 
     def barrier(self) -> None:
