@@ -48,6 +48,13 @@ class TPExecutor:
                 "KV tiers (kv_host_bytes) are not supported with tensor_parallel_size > 1 yet: "
                 "each rank holds only its share of every page"
             )
+        if loaded.device.type == "cuda":
+            first = loaded.device.index or 0
+            if first + world > torch.cuda.device_count():
+                raise ValueError(
+                    f"tensor_parallel_size {world} needs GPUs cuda:{first}..cuda:{first + world - 1}"
+                    f"; this host has {torch.cuda.device_count()}"
+                )
         self.world_size = world
         self.failure: str | None = None
         self._memory: tuple[RankState, ...] = ()

@@ -31,17 +31,21 @@ from engine.state import RankState
 
 
 def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
-    """Rank's own config: on CUDA rank r runs on cuda:r; no tokenizer (rank 0 tokenizes)."""
+    """Rank's own config: on CUDA rank r runs on the r-th GPU after rank 0's (cuda:r when rank
+    0 is on cuda:0); no tokenizer (rank 0 tokenizes)."""
     from engine.model.builder import resolve_device
 
     config = replace(config, skip_tokenizer_init=True)
-    if resolve_device(config.device).type == "cuda":
-        return replace(config, device=f"cuda:{rank}")
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        return replace(config, device=f"cuda:{(device.index or 0) + rank}")
     return config
 
 
 def measure_memory(rank: int, device: torch.device, weight_bytes: int, kv_bytes: int) -> RankState:
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
     else:
