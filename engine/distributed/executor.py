@@ -52,8 +52,8 @@ class TPExecutor:
             first = loaded.device.index or 0
             if first + world > torch.cuda.device_count():
                 raise ValueError(
-                    f"tensor_parallel_size {world} needs GPUs cuda:{first}..cuda:{first + world - 1}"
-                    f"; this host has {torch.cuda.device_count()}"
+                    f"tensor_parallel_size {world} needs GPUs cuda:{first} to "
+                    f"cuda:{first + world - 1}; this host has {torch.cuda.device_count()}"
                 )
         self.world_size = world
         self.failure: str | None = None
