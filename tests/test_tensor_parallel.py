@@ -25,6 +25,7 @@ from engine import LLM, AsyncLLM, SamplingParams
 from engine.config import EngineConfig
 from engine.distributed.executor import TensorParallelError
 from engine.distributed.shard import ShardError
+from engine.model.builder import parameter_bytes
 from engine.state import EngineState
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -100,9 +101,7 @@ def test_tp2_state_reports_every_rank_and_its_shard(reference, tp2):
     assert alone.ranks == ()
     assert [r.rank for r in state.ranks] == [0, 1]
     assert len({r.pid for r in state.ranks}) == 2 and state.ranks[0].pid == os.getpid()
-    full_weights = reference.engine.model and sum(
-        p.numel() * p.element_size() for p in reference.engine.model.parameters()
-    )
+    full_weights = parameter_bytes(reference.engine.model)
     for rank in state.ranks:
         # Half of every KV page (2 of the 4 KV heads) and about half the weights (norms are
         # replicated, the vocabulary split exactly).
