@@ -147,6 +147,9 @@ class EngineConfig:
     kv_host_bytes: int | str = 0
     kv_disk_dir: str | None = None
     kv_disk_bytes: int | str | None = None  # default with kv_disk_dir: DEFAULT_KV_DISK_BYTES
+    # Tensor parallelism (engine/distributed/): the model split over this many ranks, one process
+    # each (rank 0 is the engine's own); on CUDA rank r runs on cuda:r.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         self._check_kv_tiers()
@@ -184,6 +187,10 @@ class EngineConfig:
             self.quantization is None or self.quantization in RECIPE_ALGOS,
             f"quantization must be None or one of {', '.join(RECIPE_ALGOS)}, "
             f"got {self.quantization!r}",
+        )
+        _check(
+            isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+            f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}",
         )
         _check(
             self.max_model_len is None or self.max_model_len >= 1,

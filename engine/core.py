@@ -26,10 +26,11 @@ penalties, min_tokens) make the engine run steps one at a time while they are in
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import deque
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -52,6 +53,9 @@ from engine.state import EngineState, StepStats
 from engine.stop import Stop
 from engine.structured import GrammarBackend
 from engine.worker import build_worker
+
+if TYPE_CHECKING:
+    from engine.distributed.executor import TPExecutor
 
 CPU_KV_CACHE_BYTES = 128 * 2**20
 
@@ -84,6 +88,19 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         loaded: LoadedModel = load_model(config)
+        # Tensor parallelism: the workers start and rank 0 keeps its shard of `loaded`.
+        self.executor: TPExecutor | None = None
+        if config.tensor_parallel_size > 1:
+            from engine.distributed.executor import TPExecutor
+
+            self.executor = TPExecutor(config, loaded)
+        try:
+            self._build(config, loaded)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _build(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.model = loaded.model
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
@@ -96,7 +113,7 @@ class EngineCore:
         worker = build_worker(
             config,
             loaded,
-            num_blocks=lambda layout: self._num_kv_blocks(layout, model_max_len),
+            num_blocks=lambda layout: self._size_pool(layout, model_max_len),
             enable_prefix_caching=config.enable_prefix_caching,
             use_graphs=self.device.type == "cuda" and not config.enforce_eager,
         )
@@ -105,7 +122,7 @@ class EngineCore:
         self.kv_cache = worker.kv_cache
         self.max_model_len = worker.max_model_len
         self.kv = worker.kv
-        self.runner = worker.runner
+        self.runner = worker.runner if self.executor is None else self.executor.attach(worker)
         if config.kv_tiers_enabled:
             from engine.kv.offload import build_offloader
 
@@ -139,6 +156,14 @@ class EngineCore:
         self.recent_steps: deque[StepStats] = deque(maxlen=256)
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0
+
+    def _size_pool(self, layout: KVLayout, max_model_len: int) -> int:
+        """The pool's pages; tensor-parallel workers start building theirs at once, as CUDA
+        graph capture (next, on every rank) runs the model's collectives."""
+        num_blocks = self._num_kv_blocks(layout, max_model_len)
+        if self.executor is not None:
+            self.executor.build_workers(num_blocks)
+        return num_blocks
 
     def _num_kv_blocks(self, layout: KVLayout, max_model_len: int) -> int:
         cfg = self.config
@@ -507,6 +532,16 @@ class EngineCore:
             del self._streams[request.request_id]
         return out
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do in one process); idempotent."""
+        if self.executor is not None:
+            self.executor.shutdown()
+
+    def __del__(self) -> None:
+        if getattr(self, "executor", None) is not None:
+            with contextlib.suppress(Exception):  # at interpreter exit modules may be gone
+                self.executor.shutdown()
+
     def state(self) -> EngineState:
         """A snapshot: each owner (KV manager, scheduler, speculator, a MoE model's routers)
         reports its own part."""
@@ -526,4 +561,6 @@ class EngineCore:
             total_prompt_tokens=self.total_prompt_tokens,
             total_generated_tokens=self.total_generated_tokens,
             expert_load=read_expert_load(self.model, self.step_index),
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            ranks=self.executor.rank_memory() if self.executor is not None else (),
         )

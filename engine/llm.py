@@ -108,6 +108,16 @@ class LLM:
     def state(self) -> EngineState:
         return self.engine.state()
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (also at exit); idempotent."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
 
 class AsyncLLM:
     """The engine stepping in a background thread; each `generate` is an async stream of
@@ -179,6 +189,7 @@ class AsyncLLM:
         self._stopped = True
         self._work.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     # --- the loop thread ----------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ chunk's would be [2048, vocab] float32, 1 GiB at a 128k vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,19 +72,27 @@ def run_scoring_prompts(
     if not any(chunk.score_offsets for chunk in chunks):
         return runner.run(chunks, num_decodes)
     logits, hidden = runner.run_with_prompt_hidden(chunks, num_decodes)  # hidden: [scored, h]
-    row = 0
-    for (request, _), chunk in zip(scheduled, chunks, strict=True):
-        count = len(chunk.score_offsets)
-        first = chunk.start + chunk.score_offsets[0] if count else 0
-        for lo in range(0, count, SCORE_ROWS):
-            hi = min(lo + SCORE_ROWS, count)
-            targets = request.all_token_ids[first + 1 + lo : first + 1 + hi]
-            rows = runner.model.logits(hidden[row + lo : row + hi])  # [hi - lo, vocab]
-            request.prompt_logprobs.extend(
-                score(rows, targets, request.params.prompt_logprobs or 0)
-            )
-        row += count
+    for index, lo, rows in score_slices(chunks):
+        request, chunk = scheduled[index][0], chunks[index]
+        first = chunk.start + chunk.score_offsets[0] + 1 + lo  # the first target's position
+        targets = request.all_token_ids[first : first + len(rows)]
+        row_logits = runner.model.logits(hidden[rows.start : rows.stop])  # [len(rows), vocab]
+        request.prompt_logprobs.extend(
+            score(row_logits, targets, request.params.prompt_logprobs or 0)
+        )
     return logits
+
+
+def score_slices(chunks: list[SeqChunk]) -> Iterator[tuple[int, int, range]]:
+    """The slices the scored hidden states are turned into logits by, in order: (chunk index,
+    offset into its score_offsets, rows of `run_with_prompt_hidden`'s hidden states). A
+    tensor-parallel worker replays them to join each slice's logits gather."""
+    row = 0
+    for index, chunk in enumerate(chunks):
+        count = len(chunk.score_offsets)
+        for lo in range(0, count, SCORE_ROWS):
+            yield index, lo, range(row + lo, row + min(lo + SCORE_ROWS, count))
+        row += count
 
 
 def score(logits: torch.Tensor, targets: list[int], num_top: int) -> list[TokenLogprob]:

@@ -157,6 +157,23 @@ class KVTierState:
 
 
 @dataclass(frozen=True)
+class RankState:
+    """One tensor-parallel rank (engine/distributed/): its shard and its memory."""
+
+    rank: int
+    device: str
+    pid: int
+    weight_bytes: int  # this rank's shard of the weights
+    kv_cache_bytes: int  # this rank's share of every KV page
+    memory_used: int  # device memory in use (CUDA), or the process's resident set (CPU)
+    memory_total: int
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RankState:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
 class EngineState:
     step: int
     timestamp: float  # time.time()
@@ -190,6 +207,8 @@ class EngineState:
     kv_cache_dtype: str | None = None  # how KV pages are stored: float8_e4m3fn, int8 or as dtype
     expert_load: ExpertLoad | None = None  # MoE models only
     kv_tiers: tuple[KVTierState, ...] = ()  # host, then disk; empty without tiers
+    tensor_parallel_size: int = 1
+    ranks: tuple[RankState, ...] = ()  # with tensor parallelism: every rank, rank 0 first
 
     @classmethod
     def assemble(
@@ -251,6 +270,7 @@ class EngineState:
             load = values.get("expert_load")
             values["expert_load"] = ExpertLoad.from_dict(load) if load else None
             values["kv_tiers"] = tuple(KVTierState.from_dict(t) for t in values.get("kv_tiers", ()))
+            values["ranks"] = tuple(RankState.from_dict(r) for r in values.get("ranks", ()))
             return cls(**values)
         except (TypeError, AttributeError) as err:
             raise ValueError(f"not an engine state: {err}") from None

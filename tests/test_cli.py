@@ -72,7 +72,7 @@ def test_options_map_onto_the_engine_and_sampling_dataclasses():
          "--num-kv-blocks", "50", "--no-prefix-caching", "--load-format", "dummy",
          "--device", "cpu", "--max-tokens", "9", "--temperature", "0.7", "--top-p", "0.9",
          "--top-k", "5", "--min-p", "0.1", "--repetition-penalty", "1.2", "--seed", "3",
-         "--stop", "a", "--stop", "bc", "--ignore-eos"]
+         "--stop", "a", "--stop", "bc", "--ignore-eos", "--tensor-parallel-size", "2"]
     )  # fmt: skip
     config = engine_config_from_args(args)
     assert (config.model, config.dtype, config.device, config.block_size) == (
@@ -82,6 +82,7 @@ def test_options_map_onto_the_engine_and_sampling_dataclasses():
     assert (config.num_kv_blocks, config.enable_prefix_caching, config.load_format) == (
         50, False, "dummy"
     )  # fmt: skip
+    assert config.tensor_parallel_size == 2
     params = sampling_params_from_args(args)
     assert params == SamplingParams(
         max_tokens=9, temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.2,

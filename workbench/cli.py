@@ -56,11 +56,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     from engine.llm import LLM
 
-    llm = LLM(**engine_kwargs(config))
-    if args.chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
-    else:
-        outputs = llm.generate(list(args.prompt), params)
+    with LLM(**engine_kwargs(config)) as llm:  # exiting stops tensor-parallel workers
+        if args.chat:
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+        else:
+            outputs = llm.generate(list(args.prompt), params)
     failed = False
     for prompt, out in zip(args.prompt, outputs, strict=True):
         if out.error is not None:

@@ -42,6 +42,11 @@ def add_engine_args(
     g.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens")
     g.add_argument("--num-kv-blocks", type=int, help="KV pages (default: sized from memory)")
     g.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        help="split the model over this many ranks, one process each (CUDA: one GPU each)",
+    )
+    g.add_argument(
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPES,
         help="KV pages: auto (the checkpoint's KV quantization, else --dtype), fp8 or int8",
@@ -107,6 +112,7 @@ _ENGINE_FIELDS = (
     "enable_prefix_caching",
     "load_format",
     "async_scheduling",
+    "tensor_parallel_size",
 )
 
 

@@ -14,7 +14,7 @@ sequence and where their K/V live.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -240,11 +240,16 @@ class LlamaForCausalLM(nn.Module):
                 )
         self.rotary.build_cache(max_positions if "rotary" in names else None)
 
+    # Tensor parallelism (engine/distributed/shard.py): lm_head holds this rank's vocabulary rows
+    # and this gathers every rank's logits columns.
+    logits_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """-> [rows, vocab] float32 (written into `out` when given)."""
-        if out is None:
-            return F.linear(hidden, self.lm_head_weight).float()
-        return out.copy_(F.linear(hidden, self.lm_head_weight))
+        scores = F.linear(hidden, self.lm_head_weight)  # [rows, vocab, or this rank's share]
+        if self.logits_gather is not None:
+            scores = self.logits_gather(scores)
+        return scores.float() if out is None else out.copy_(scores)
 
     @torch.no_grad()
     def load_weights(
