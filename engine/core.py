@@ -257,6 +257,10 @@ class EngineCore:
         self._finish(stream, Stop(RequestStatus.FINISHED_ABORTED))
         return True
 
+    def close(self) -> None:
+        """Release what outlives a step: the KV tiers' queued disk writes land (bounded wait)."""
+        self.kv.close()
+
     def has_unfinished(self) -> bool:
         return (
             self.scheduler.has_unfinished()

@@ -108,6 +108,16 @@ class LLM:
     def state(self) -> EngineState:
         return self.engine.state()
 
+    def close(self) -> None:
+        """Finish the engine's background work (the KV disk tier's queued writes)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class AsyncLLM:
     """The engine stepping in a background thread; each `generate` is an async stream of
@@ -179,6 +189,8 @@ class AsyncLLM:
         self._stopped = True
         self._work.set()
         self._thread.join(timeout=10)
+        with self._lock:
+            self.engine.close()
 
     # --- the loop thread ----------------------------------------------------------------------
 
