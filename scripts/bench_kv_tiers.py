@@ -3,6 +3,8 @@ tiers), restored from the host tier, and restored from the disk tier by a restar
 
     .venv/bin/python scripts/bench_kv_tiers.py --model tiny --prompt-len 960 --repeats 5
     python3 scripts/bench_kv_tiers.py --model <8B dir> --device cuda --prompt-len 8192
+    python3 scripts/bench_kv_tiers.py --model llama-3.1-8b --load-format dummy --device cuda \
+        --prompt-len 8192     # the 8B shape without a checkpoint
 
 Each case serves the prompt, then two other prompts of the same length that evict it from a pool
 just large enough for one, then times the prompt again (first token time - arrival). The disk
@@ -40,6 +42,9 @@ def main() -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument(
+        "--load-format", default="auto", help="dummy: random weights at a preset's shape"
+    )
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=960)
     ap.add_argument("--repeats", type=int, default=5)
@@ -49,6 +54,7 @@ def main() -> None:
     cfg = {
         "device": args.device,
         "dtype": args.dtype,
+        "load_format": args.load_format,
         "block_size": args.block_size,
         "num_kv_blocks": blocks,
         "max_num_tokens": args.prompt_len + 16,
