@@ -188,10 +188,14 @@ def test_fused_moe_on_the_gpu(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
-def test_fp8_fused_moe_on_the_gpu(dtype, tokens):
-    """FP8 tensor cores (sm89+) or the widened path, against the torch reference of the same
-    e4m3 operands and scales: within the dtype's rounding (the intermediate is rounded to it)."""
-    from engine.model.fused_moe import fused_moe
+@pytest.mark.parametrize("fp8_dot", ["1", "0"])
+def test_fp8_fused_moe_on_the_gpu(dtype, tokens, fp8_dot, monkeypatch):
+    """FP8 tensor cores (sm89+; WORKBENCH_MOE_FP8_DOT=0: operands widened to float16), against
+    the torch reference of the same e4m3 operands and scales: within the dtype's rounding (the
+    intermediate is rounded to it)."""
+    from engine.model.fused_moe import FP8_DOT_ENV_VAR, fused_moe
+
+    monkeypatch.setenv(FP8_DOT_ENV_VAR, fp8_dot)
 
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     with torch.device("cuda"):

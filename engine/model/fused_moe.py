@@ -17,7 +17,7 @@ within their rounding (tests/test_fused_moe.py).
 FP8 experts (`fp8` given, moe_fp8.py): the weights are e4m3 with a float32 scale per expert and
 output row; each kernel quantizes its activation tile with the expert's static input scale (gate
 and up have one each) as it loads it, multiplies e4m3 by e4m3 (on FP8 tensor cores where the GPU
-has them; elsewhere widened to float32, which is exact) and scales the float32 sums:
+has them; elsewhere widened to float16 or float32, both exact) and scales the float32 sums:
 y = (x_q @ w_q^T) * s_x[e] * s_w[e, row], as moe_fp8.moe_reference_fp8 computes it.
 
 Tiles come from `moe_tiles`, a small table by shape (rows per expert, output width).
@@ -116,24 +116,34 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
+# How the FP8 kernels multiply (DOT_MODE): e4m3 on FP8 tensor cores; both operands widened to
+# float16 (exact: e4m3 fits in it, and a float16 product in the float32 accumulator); both in
+# float32 (exact too; the interpreter, whose float16 dot rounds to float16).
+DOT_E4M3, DOT_F16, DOT_F32 = 0, 1, 2
+FP8_DOT_ENV_VAR = "WORKBENCH_MOE_FP8_DOT"  # "0": widened float16 even where FP8 dots exist
+
+
 @triton.jit
-def _quantize_e4m3(x, inv_scale, FP8_DOT: tl.constexpr):
+def _quantize_e4m3(x, inv_scale, DOT_MODE: tl.constexpr):
     """x (float32) * inv_scale rounded to e4m3 (nearest even, saturating at +-448), as
-    engine.quant.fp8.quantize_fp8: an e4m3 tensor for FP8 tensor cores, else its values in
-    float32 (by integer arithmetic: the interpreter's float32 -> e4m3 cast drops the carry when
-    the mantissa rounds up into the next power of two)."""
-    if FP8_DOT:
+    engine.quant.fp8.quantize_fp8: an e4m3 tensor for FP8 tensor cores, else its values (by
+    integer arithmetic: the interpreter's float32 -> e4m3 cast drops the carry when the mantissa
+    rounds up into the next power of two)."""
+    if DOT_MODE == 0:
         return tl.clamp(x * inv_scale, -448.0, 448.0).to(tl.float8e4nv)
     return round_e4m3(x * inv_scale)
 
 
 @triton.jit
-def _fp8_dot(a, b, FP8_DOT: tl.constexpr):
-    """e4m3 a (or its float32 values) @ e4m3 b in float32: FP8 tensor cores, or both in float32
-    (exact products, float32 sums: the same numbers in another order)."""
-    if FP8_DOT:
+def _fp8_dot(a, b, DOT_MODE: tl.constexpr):
+    """a (from _quantize_e4m3) @ e4m3 b, accumulated in float32: the same exact products and
+    float32 sums whichever the mode, in another order."""
+    if DOT_MODE == 0:
         return tl.dot(a, b)
-    return tl.dot(a, b.to(tl.float32), input_precision="ieee")
+    elif DOT_MODE == 1:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a, b.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
@@ -157,7 +167,7 @@ def _gate_up_kernel(
     TOP_K: tl.constexpr,
     IEEE: tl.constexpr,
     FP8: tl.constexpr,
-    FP8_DOT: tl.constexpr,
+    DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -191,8 +201,8 @@ def _gate_up_kernel(
         b_up = tl.load(w + (cols[None, :] + N) * stride_wn + ks[:, None], mask=b_mask, other=0.0)
         if FP8:
             a32 = a.to(tl.float32)
-            gate += _fp8_dot(_quantize_e4m3(a32, inv_gate, FP8_DOT), b_gate, FP8_DOT)
-            up += _fp8_dot(_quantize_e4m3(a32, inv_up, FP8_DOT), b_up, FP8_DOT)
+            gate += _fp8_dot(_quantize_e4m3(a32, inv_gate, DOT_MODE), b_gate, DOT_MODE)
+            up += _fp8_dot(_quantize_e4m3(a32, inv_up, DOT_MODE), b_up, DOT_MODE)
         else:
             gate += _dot(a, b_gate, IEEE)
             up += _dot(a, b_up, IEEE)
@@ -232,7 +242,7 @@ def _down_kernel(
     stride_op,
     IEEE: tl.constexpr,
     FP8: tl.constexpr,
-    FP8_DOT: tl.constexpr,
+    DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -264,7 +274,7 @@ def _down_kernel(
             other=0.0,
         )
         if FP8:
-            acc += _fp8_dot(_quantize_e4m3(a.to(tl.float32), inv, FP8_DOT), b, FP8_DOT)
+            acc += _fp8_dot(_quantize_e4m3(a.to(tl.float32), inv, DOT_MODE), b, DOT_MODE)
         else:
             acc += _dot(a, b, IEEE)
     if FP8:
@@ -307,7 +317,7 @@ def fused_moe(
     max_rows = align.sorted_pairs.numel()
     blocks = max_rows // block_m
     ieee = hidden.dtype == torch.float32
-    fp8_dot = is_fp8 and _has_fp8_dot(hidden.device)
+    dot_mode = _fp8_dot_mode(hidden.device)
     # Without fp8 the scale pointers are never read; any tensor stands in.
     scales = fp8 or Fp8Scales(*([gate_up] * 6))
     act = torch.empty(max_rows, inter, dtype=hidden.dtype, device=hidden.device)
@@ -331,7 +341,7 @@ def fused_moe(
         TOP_K=top_k,
         IEEE=ieee,
         FP8=is_fp8,
-        FP8_DOT=fp8_dot,
+        DOT_MODE=dot_mode,
         BLOCK_M=block_m,
         BLOCK_N=first.block_n,
         BLOCK_K=first.block_k,
@@ -359,7 +369,7 @@ def fused_moe(
         pair_out.stride(0),
         IEEE=ieee,
         FP8=is_fp8,
-        FP8_DOT=fp8_dot,
+        DOT_MODE=dot_mode,
         BLOCK_M=block_m,
         BLOCK_N=second.block_n,
         BLOCK_K=second.block_k,
@@ -368,10 +378,14 @@ def fused_moe(
     return pair_out.view(num_tokens, top_k, hidden_size).sum(dim=1).to(hidden.dtype)
 
 
-def _has_fp8_dot(device: torch.device) -> bool:
-    """e4m3 tl.dot: CUDA compute capability 8.9 and up (not under the interpreter)."""
-    return (
-        device.type == "cuda"
-        and os.environ.get("TRITON_INTERPRET") != "1"
-        and torch.cuda.get_device_capability(device) >= (8, 9)
-    )
+def _fp8_dot_mode(device: torch.device) -> int:
+    """e4m3 dots on CUDA with compute capability 8.9 and up, float16 elsewhere on CUDA (or with
+    WORKBENCH_MOE_FP8_DOT=0), float32 under the interpreter."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return DOT_F32
+    if (
+        torch.cuda.get_device_capability(device) >= (8, 9)
+        and os.environ.get(FP8_DOT_ENV_VAR) != "0"
+    ):
+        return DOT_E4M3
+    return DOT_F16
