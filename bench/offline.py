@@ -54,6 +54,7 @@ import torch
 
 from engine.config import EngineConfig, SamplingParams
 from engine.model.builder import parameter_bytes
+from engine.model.moe_model import idle_expert_bytes
 from engine.model.presets import num_active_parameters
 
 __all__ = [
@@ -312,6 +313,8 @@ def _run_benchmark(
             "max_num_tokens": engine_config.max_num_tokens,
             "weight_bytes": parameter_bytes(core.model),
             "active_parameters": num_active_parameters(core.model.config),  # MoE: per token
+            # What a batch-1 decode step reads: a MoE's routed experts only (its roofline).
+            "active_weight_bytes": parameter_bytes(core.model) - idle_expert_bytes(core.model),
             "startup_s": startup_s,
         },
         "system": {**system_info(core.device), "loadavg_before": load_before},

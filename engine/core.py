@@ -533,7 +533,10 @@ class EngineCore:
         return out
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers (nothing to do in one process); idempotent."""
+        """Release what outlives a step: the KV tiers' queued disk writes land (bounded wait),
+        and the tensor-parallel workers stop (none in one process); idempotent."""
+        if getattr(self, "kv", None) is not None:  # (a failed start has none)
+            self.kv.close()
         if self.executor is not None:
             self.executor.shutdown()
 

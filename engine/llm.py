@@ -109,7 +109,8 @@ class LLM:
         return self.engine.state()
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel worker processes, if any (also at exit); idempotent."""
+        """Finish the engine's background work (the KV disk tier's queued writes) and stop the
+        tensor-parallel worker processes, if any (also at exit); idempotent."""
         self.engine.shutdown()
 
     def __enter__(self) -> LLM:
@@ -189,7 +190,8 @@ class AsyncLLM:
         self._stopped = True
         self._work.set()
         self._thread.join(timeout=10)
-        self.engine.shutdown()
+        with self._lock:
+            self.engine.shutdown()
 
     # --- the loop thread ----------------------------------------------------------------------
 

@@ -7,6 +7,15 @@ one JSON row per result to --out (the schema of docs/results/):
 
     python3 scripts/gpu_bench.py --model llama-3.1-8b --out docs/results/h100-bf16.json \
         --rows decode1:128:128 tput:128:128:64:hf tput:128:128:512 [--quantization fp8]
+
+MoE presets (the roofline counts the experts a batch-1 step is routed to, not all of them):
+
+    python3 scripts/gpu_bench.py --model mixtral-8x7b --out docs/results/h200-moe.json \
+        --rows decode1:128:128
+    python3 scripts/gpu_bench.py --model qwen3-30b-a3b --quantization fp8 \
+        --out docs/results/h200-moe-fp8.json --rows tput:1000:1000:1000
+    python3 scripts/gpu_bench.py --model qwen3-30b-a3b --out docs/results/h200-moe-bf16.json \
+        --rows tput:1000:1000:64:hf     # transformers' peer runs unquantized weights only
 """
 
 from __future__ import annotations
@@ -119,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             torch.cuda.empty_cache()
         result = report["results"]
-        # The roofline: every weight byte read once per step, at the bandwidth measured above.
+        # The roofline: every weight byte a batch-1 step reads (a MoE's routed experts only:
+        # active_weight_bytes), read once per step at the bandwidth measured above.
         weight_bytes = report["engine"]["weight_bytes"]
-        roofline = bandwidth / weight_bytes
+        active_bytes = report["engine"]["active_weight_bytes"]
+        roofline = bandwidth / active_bytes
         row = {
             "card": card,
             "model": args.model,
@@ -136,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             "roofline_tok_s": roofline if kind == "decode1" else None,
             "bandwidth_tb_s": bandwidth / 1e12,
             "weight_bytes": weight_bytes,
+            "active_weight_bytes": active_bytes,
             "startup_s": report["engine"]["startup_s"],
             "ttft_ms_p50": (result.get("ttft_ms") or {}).get("p50"),
             "tpot_ms_p50": (result.get("tpot_ms") or {}).get("p50"),

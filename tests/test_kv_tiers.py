@@ -4,6 +4,7 @@ device pool, the host tier and the disk tier (vLLM style), sizes, config, and da
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -123,6 +124,7 @@ def test_evicted_blocks_go_to_host_then_disk_in_lru_order(tmp_path):
     c0 = chain([30, 31, 32])[0]
     assert list(tiers.host.slots) == [b0, c0]
     assert list(tiers.disk.files) == [a0, b1]
+    assert tiers.disk.wait()  # the writer thread's files
     assert sorted(p.name for p in tiers.disk.directory.iterdir()) == sorted(
         f"{h:016x}.kv" for h in (a0, b1)
     )
@@ -226,6 +228,7 @@ def test_disk_files_survive_a_new_tier_in_lru_order(tmp_path):
     disk = DiskTier(tmp_path, "fp", 3 * (HEADER.size + size), size)
     for h in (1, 2, 3):
         assert disk.put(h, record(h, size))
+        assert disk.wait()
         os.utime(disk.path(h), ns=(h * 10**9, h * 10**9))  # distinct mtimes, oldest first
     again = DiskTier(tmp_path, "fp", 2 * (HEADER.size + size), size)
     assert list(again.files) == [2, 3]  # the smaller budget evicted the oldest
@@ -239,6 +242,7 @@ def test_a_damaged_file_is_a_miss_and_is_removed(tmp_path, damage):
     size = 64
     disk = DiskTier(tmp_path, "fp", 10**6, size)
     disk.put(7, record(7, size))
+    assert disk.flush()
     path = disk.path(7)
     data = bytearray(path.read_bytes())
     if damage == "truncate":
@@ -253,6 +257,7 @@ def test_a_damaged_file_is_a_miss_and_is_removed(tmp_path, damage):
     fresh = DiskTier(tmp_path, "fp", 10**6, size)
     # A wrong size is caught by the scan; a wrong byte only by the checksum when read.
     assert not fresh.get(7, torch.empty(size, dtype=torch.uint8))
+    assert fresh.wait()  # the removal runs on the writer thread
     assert 7 not in fresh and not path.exists()
 
 
@@ -262,6 +267,104 @@ def test_a_write_that_never_finished_leaves_no_block(tmp_path):
     (disk.directory / f"{9:016x}.kv.123.tmp").write_bytes(b"partial")
     fresh = DiskTier(tmp_path, "fp", 10**6, size)
     assert list(fresh.files) == [] and list(fresh.directory.iterdir()) == []
+
+
+# --- the disk tier's writer thread ------------------------------------------------------------
+
+
+@pytest.fixture
+def stalled_writes(monkeypatch):
+    """Writes on the writer thread wait until the returned event is set (a slow disk); every
+    write's result can be forced through `results` (False: a full disk)."""
+    from engine.kv import disk_writer
+
+    go = threading.Event()
+    results: list[bool] = []
+    real = disk_writer.write_atomically
+
+    def slow(path, header, payload):
+        assert go.wait(10)
+        written = real(path, header, payload)
+        return results.pop(0) if results else written
+
+    monkeypatch.setattr(disk_writer, "write_atomically", slow)
+    go.results = results
+    yield go
+    go.set()
+
+
+def test_a_block_still_being_written_is_read_from_memory(tmp_path, stalled_writes):
+    size = 64
+    disk = DiskTier(tmp_path, "fp", 10**6, size)
+    row = record(5, size)
+    assert disk.put(5, row)
+    row.fill_(0)  # the caller reuses its row at once: the tier kept a copy
+    assert 5 in disk and not disk.path(5).exists()
+    out = torch.empty(size, dtype=torch.uint8)
+    assert disk.get(5, out) and bool((out == 5).all())
+    stalled_writes.set()
+    assert disk.wait()
+    assert disk.path(5).exists() and disk.pending == {}
+    out.zero_()
+    assert disk.get(5, out) and bool((out == 5).all())  # now from its file
+
+
+def test_a_block_evicted_while_queued_leaves_no_file(tmp_path, stalled_writes):
+    size = 64
+    disk = DiskTier(tmp_path, "fp", 1 * (HEADER.size + size), size)  # room for one
+    assert disk.put(1, record(1, size)) and disk.put(2, record(2, size))  # 2 evicts 1
+    assert list(disk.files) == [2] and list(disk.pending) == [2]
+    assert not disk.get(1, torch.empty(size, dtype=torch.uint8))
+    stalled_writes.set()
+    assert disk.wait()
+    assert sorted(p.name for p in disk.directory.iterdir()) == [f"{2:016x}.kv"]
+
+
+def test_spills_beyond_the_queue_bound_are_dropped(tmp_path, stalled_writes):
+    size = 64
+    disk = DiskTier(tmp_path, "fp", 10**6, size)
+    disk.max_pending, disk.put_wait_s = 2, 0.05
+    assert disk.put(1, record(1, size)) and disk.put(2, record(2, size))
+    assert not disk.put(3, record(3, size))  # two records wait, and keep waiting: not kept
+    assert 3 not in disk and disk.num_dropped == 1
+    stalled_writes.set()
+    assert disk.wait()
+    assert disk.put(3, record(3, size))  # the queue drained: room again
+
+
+def test_a_burst_of_spills_waits_for_the_writer_rather_than_dropping(tmp_path):
+    size = 64
+    disk = DiskTier(tmp_path, "fp", 10**6, size)
+    disk.max_pending = 2
+    assert all(disk.put(h, record(h, size)) for h in range(1, 41))  # 40 through 2 places
+    assert disk.num_dropped == 0 and disk.wait()
+    assert len(list(disk.directory.iterdir())) == 40
+
+
+def test_a_failed_write_is_a_miss_not_a_block(tmp_path, stalled_writes):
+    size = 64
+    disk = DiskTier(tmp_path, "fp", 10**6, size)
+    stalled_writes.results.append(False)  # the disk is full for this one
+    assert disk.put(4, record(4, size))
+    stalled_writes.set()
+    assert disk.wait()
+    assert 4 not in disk and disk.num_write_errors == 1
+    assert not disk.get(4, torch.empty(size, dtype=torch.uint8))
+
+
+def test_close_waits_for_the_queued_writes_and_a_new_tier_finds_them(tmp_path, stalled_writes):
+    size = 64
+    disk = DiskTier(tmp_path, "fp", 10**6, size)
+    for h in range(1, 6):
+        assert disk.put(h, record(h, size))
+    assert not disk.flush(timeout=0.05)  # bounded: the stalled disk is not waited for forever
+    stalled_writes.set()
+    assert disk.flush()
+    assert not disk.put(9, record(9, size))  # closed: nothing more is queued
+    again = DiskTier(tmp_path, "fp", 10**6, size)
+    assert sorted(again.files) == [1, 2, 3, 4, 5]
+    out = torch.empty(size, dtype=torch.uint8)
+    assert all(again.get(h, out) and bool((out == h).all()) for h in range(1, 6))
 
 
 # --- sizes and config -------------------------------------------------------------------------

@@ -167,6 +167,23 @@ def test_a_damaged_file_is_skipped_removed_and_recomputed(warm_disk, baseline):
     assert not damaged.exists() and not truncated.exists()
 
 
+def test_a_restart_right_after_close_finds_every_spilled_block(tmp_path, baseline):
+    """In one process: the spills are written on the writer thread, close() waits for them, and
+    an engine started at once after finds all of prompt a's blocks on disk."""
+    a, *others = prompts(4)
+    tiers = {"kv_host_bytes": 2 * BYTES_PER_BLOCK, "kv_disk_dir": str(tmp_path)}
+    with LLM("tiny", **tiers, **SMALL_POOL) as llm:
+        one_by_one(llm, [a, *others])  # each evicts the last; host's two slots spill to disk
+        disk = llm.engine.kv.tiers.disk
+        assert set(block_hashes(a)) <= set(disk.files)
+    assert disk.pending == {} and disk.writer.closed
+    restarted = LLM("tiny", **tiers, **SMALL_POOL)
+    out = restarted.generate([a], GREEDY)[0]
+    assert out.metrics.num_cached_tokens == FULL and out.token_ids == baseline[0]
+    assert restarted.engine.kv.tiers.disk_stats.hits == FULL // BLOCK
+    restarted.shutdown()
+
+
 @pytest.mark.parametrize(
     "change",
     [

@@ -4,6 +4,7 @@ published parameter counts, and one real-shape layer of Qwen3-30B-A3B runs on th
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,8 +13,20 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.model.builder import parameter_bytes
-from engine.model.moe_model import MoeForCausalLM, model_class
+from engine.model.moe_model import MoeForCausalLM, idle_expert_bytes, model_class
 from engine.model.presets import PRESETS, num_active_parameters, num_parameters, preset_config
+from engine.quant.checkpoint import dummy_quant_config
+
+
+@contextmanager
+def torch_default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
 
 MOE_PRESETS = {"mixtral-8x7b": 46.7e9, "qwen3-30b-a3b": 30.5e9}
 ACTIVE = {"mixtral-8x7b": 12.9e9, "qwen3-30b-a3b": 3.3e9}  # per token, published
@@ -40,6 +53,19 @@ def test_mixtral_8x7b_fits_one_h200_in_bf16():
     with torch.device("meta"):
         model = MoeForCausalLM(preset_config("mixtral-8x7b")).to(torch.bfloat16)
     assert 90e9 < parameter_bytes(model) < 100e9  # of the H200's 141 GB, the rest for KV
+    # A batch-1 decode step reads the 2 routed experts of 8: the roofline's bytes.
+    active = parameter_bytes(model) - idle_expert_bytes(model)
+    assert active == 2 * num_active_parameters(model.config)
+
+
+def test_fp8_experts_halve_the_bytes_a_decode_step_reads():
+    config = preset_config("qwen3-30b-a3b")
+    with torch.device("meta"), torch_default_dtype(torch.bfloat16):
+        bf16 = MoeForCausalLM(config)
+        fp8 = MoeForCausalLM(config, dummy_quant_config("fp8"))
+    idle_bf16, idle_fp8 = idle_expert_bytes(bf16), idle_expert_bytes(fp8)
+    assert 0.5 < idle_fp8 / idle_bf16 < 0.51  # one byte per weight, plus per-row scales
+    assert 30e9 < parameter_bytes(fp8) < 33e9
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

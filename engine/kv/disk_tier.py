@@ -6,9 +6,19 @@ blocks again; an engine with another fingerprint looks in another directory.
 A file is `HEADER` (magic, format version, block hash, payload length, CRC-32 of the payload)
 followed by the record. Writes go to a temporary file renamed into place, so a reader sees a whole
 file or none; a file that is short, has another header or fails its checksum is removed and counts
-as a miss. Invariant: `files` holds the hashes whose files are in the directory, least recently
-used first (the scan orders them by mtime, and a hit touches the file's mtime so the order
-survives a restart).
+as a miss. Invariant: `files` holds the hashes whose files are in the directory or queued to be
+written there, least recently used first (the scan orders them by mtime, and a hit touches the
+file's mtime so the order survives a restart).
+
+Writes, removals and touches run on a writer thread (disk_writer.py), so a spill costs the engine
+thread a copy of the record, not a file write. A block whose write is still queued is in `pending`
+and is read from there: a hit on it gets the right bytes. At most `max_pending` records wait: a
+spill beyond that waits for the writer (a burst larger than the bound, e.g. a long prompt evicted
+at once), for at most `put_wait_s`, and is dropped after that (the block is not kept, and counts
+in `num_dropped`), which bounds the memory and the stall a slow disk can cause. A write that
+fails (a full or read-only disk) takes the block out of the index. Only the engine thread reads
+and changes `files`; `pending` is shared, under a lock. `flush` (engine close) waits, bounded, for
+the queued writes: a restart right after it sees every block.
 """
 
 from __future__ import annotations
@@ -22,10 +32,15 @@ from pathlib import Path
 
 import torch
 
+from engine.kv.disk_writer import DiskWriter
+
 MAGIC = b"WBKV"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<4sIQQI")  # magic, version, block hash, payload bytes, crc32
 SUFFIX = ".kv"
+MAX_PENDING_BYTES = 256 * 2**20  # records waiting for the writer thread, at most
+CLOSE_TIMEOUT_S = 30.0  # how long closing waits for the queued writes
+PUT_WAIT_S = 1.0  # how long a spill waits for room among the pending records before it is dropped
 
 
 class DiskTier:
@@ -44,7 +59,15 @@ class DiskTier:
         self.files: OrderedDict[int, None] = OrderedDict()
         self.num_evictions = 0
         self.num_corrupt = 0
+        self.num_dropped = 0  # spills dropped because max_pending records were waiting
+        self.num_write_errors = 0
+        self.max_pending = max(1, MAX_PENDING_BYTES // max(bytes_per_block, 1))
+        self.put_wait_s = PUT_WAIT_S
+        self._lock = threading.Condition()  # guards pending and _failed; notified as they shrink
+        self.pending: dict[int, torch.Tensor] = {}  # hash -> record queued for writing
+        self._failed: list[int] = []  # hashes whose write failed, for the engine thread to drop
         self._scan()
+        self.writer = DiskWriter(self._written)
 
     @property
     def num_used(self) -> int:
@@ -85,50 +108,100 @@ class DiskTier:
 
     def _evict(self) -> None:
         victim, _ = self.files.popitem(last=False)
-        self.path(victim).unlink(missing_ok=True)
+        with self._lock:
+            if self.pending.pop(victim, None) is not None:  # its write still lands; then removed
+                self._lock.notify_all()
+        self._unlink(self.path(victim))
         self.num_evictions += 1
+
+    def _unlink(self, path: Path) -> None:
+        if hasattr(self, "writer"):
+            self.writer.remove(path)  # after any queued write of the same path
+        else:  # the scan, before the writer starts
+            path.unlink(missing_ok=True)
 
     def _remove(self, path: Path) -> None:
         self.num_corrupt += 1
-        path.unlink(missing_ok=True)
+        self._unlink(path)
 
     def put(self, block_hash: int, record: torch.Tensor) -> bool:
-        """Store a record ([bytes_per_block] uint8, on the CPU); False when there is no room."""
+        """Queue a record ([bytes_per_block] uint8, on the CPU; copied, so the caller may reuse
+        it at once) for writing; False when it is not kept (no room, or too many waiting)."""
+        self._drop_failed()
         if block_hash in self.files:
             self.touch(block_hash)
             return True
-        if self.num_slots == 0:
+        if self.num_slots == 0 or self.writer.closed:
             return False
+        with self._lock:
+            if not self._lock.wait_for(self._has_room, timeout=self.put_wait_s):
+                self.num_dropped += 1
+                return False
         if len(self.files) >= self.num_slots:
             self._evict()
-        payload = record.numpy().tobytes()
+        record = record.clone()  # [bytes_per_block] uint8: the caller's row is reused next
+        payload = memoryview(record.numpy()).cast("B")
         header = HEADER.pack(MAGIC, FORMAT_VERSION, block_hash, len(payload), zlib.crc32(payload))
-        path = self.path(block_hash)
-        # Unique per process and thread: two engines may write the same block at once.
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(header)
-                f.write(payload)
-            os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            return False  # a full or read-only disk loses the block, never the request
+        with self._lock:
+            self.pending[block_hash] = record
         self.files[block_hash] = None
+        self.writer.write(block_hash, record, self.path(block_hash), header, payload)
         return True
+
+    def _has_room(self) -> bool:
+        return len(self.pending) < self.max_pending
+
+    def _written(self, block_hash: int, record: torch.Tensor, ok: bool) -> None:
+        """The writer thread finished writing `record` (ok False: it failed)."""
+        with self._lock:
+            if self.pending.get(block_hash) is not record:
+                return  # evicted meanwhile (and maybe queued again, with another record)
+            del self.pending[block_hash]
+            self._lock.notify_all()
+            if not ok:
+                self.num_write_errors += 1
+                self._failed.append(block_hash)
+
+    def _drop_failed(self) -> None:
+        """Forget the blocks whose writes failed: a lookup must not count on them."""
+        with self._lock:
+            failed, self._failed = self._failed, []
+        for block_hash in failed:
+            if block_hash not in self.pending:  # not queued again since
+                self.files.pop(block_hash, None)
+
+    def wait(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Block until the queued writes are on disk (at most `timeout` s); True if they are."""
+        done = self.writer.wait(timeout)
+        self._drop_failed()
+        return done
+
+    def flush(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Stop the writer once the queued writes are done (waiting at most `timeout` s);
+        True when none was left behind. The tier keeps answering lookups, from its files."""
+        done = self.writer.close(timeout)
+        self._drop_failed()
+        return done
 
     def touch(self, block_hash: int) -> None:
         self.files.move_to_end(block_hash)
-        try:
-            os.utime(self.path(block_hash))
-        except OSError:
-            pass
+        if not self.writer.closed:
+            self.writer.touch(self.path(block_hash))
 
     def get(self, block_hash: int, out: torch.Tensor) -> bool:
-        """Read a record into `out` ([bytes_per_block] uint8, CPU). A missing, short or corrupt
-        file is removed and forgotten, and reads as False."""
+        """Read a record into `out` ([bytes_per_block] uint8, CPU): from memory while its write
+        is queued, else from its file. A missing, short or corrupt file is removed and
+        forgotten, and reads as False."""
+        self._drop_failed()
         if block_hash not in self.files:
             return False
+        with self._lock:
+            queued = self.pending.get(block_hash)
+            if queued is not None:
+                out.copy_(queued)
+        if queued is not None:
+            self.touch(block_hash)
+            return True
         path = self.path(block_hash)
         view = out.numpy()  # the read lands in `out` itself: no staging copy
         try:

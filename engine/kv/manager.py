@@ -60,6 +60,11 @@ class KVCacheManager:
         self.tiers = tiers
         self.pool.on_evict = tiers.save
 
+    def close(self) -> None:
+        """Let the tiers finish what they queued (the disk tier's writes, bounded)."""
+        if self.tiers is not None:
+            self.tiers.close()
+
     # --- lookup -------------------------------------------------------------------------------
 
     def _hashes(self, request: Request, num_full_blocks: int) -> list[int]:

@@ -132,6 +132,12 @@ class KVOffloader:
         if pending:
             self._copy_out(list(pending.values()))
 
+    def close(self) -> None:
+        """The disk tier's queued writes land (waiting at most its CLOSE_TIMEOUT_S), so a new
+        engine started right after finds them. The host tier is memory: it goes with the engine."""
+        if self.disk is not None:
+            self.disk.flush()
+
     def states(self) -> tuple[KVTierState, ...]:
         """Each tier's snapshot for `EngineState`: host, then disk."""
         now = time.monotonic()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.model.moe_fp8 import Fp8Experts
 from engine.quant.linear import QuantLinear
 
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     """Normal(0, std) matrices and unit norms: the arithmetic of a real model, not its output.
-    A quantized projection quantizes its Normal(0, std) matrix as ModelOpt would."""
+    A quantized projection (or FP8 experts) quantizes its Normal(0, std) matrix as ModelOpt
+    would."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def normal_(tensor: torch.Tensor, index: int) -> torch.Tensor:
@@ -21,7 +23,7 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
         torch.cuda.manual_seed(seed * 100_003 + index)
         return tensor.normal_(0.0, std)
 
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, Fp8Experts))}
     index = 0
     for index, (name, param) in enumerate(model.named_parameters()):
         if name.rpartition(".")[0] in quantized:
@@ -33,8 +35,15 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
         else:
             normal_(param, index)
     for offset, module in enumerate(quantized.values(), start=index + 1):
+        device = next(module.parameters()).device
+        if isinstance(module, Fp8Experts):
+            gate_up, down = (
+                normal_(torch.empty(p.shape, device=device), offset).to(module.compute_dtype)
+                for p in (module.gate_up, module.down)
+            )
+            module.quantize_from(gate_up, down)  # [E, 2 * inter, hidden], [E, hidden, inter]
+            continue
         if module.bias is not None:
             module.bias.zero_()
-        device = next(module.parameters()).device
         weight = torch.empty(module.out_features, module.in_features, device=device)
         module.quantize_from(normal_(weight, offset).to(module.compute_dtype))

@@ -14,6 +14,7 @@ up, as transformers stacks them) and down [num_experts, hidden, intermediate].
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -121,8 +122,23 @@ def moe_reference(
     down: torch.Tensor,  # [num_experts, hidden, inter]
     routing: Routing,
 ) -> torch.Tensor:
+    """The routed experts' weighted sum -> [num_tokens, hidden] (see `grouped_experts`)."""
+    return grouped_experts(
+        hidden,
+        routing,
+        gate_up.shape[0],
+        lambda rows, expert: expert_mlp(rows, gate_up[expert], down[expert]),
+    )
+
+
+def grouped_experts(
+    hidden: torch.Tensor,  # [num_tokens, hidden]
+    routing: Routing,
+    num_experts: int,
+    mlp: Callable[[torch.Tensor, int], torch.Tensor],  # (rows [n, hidden], expert) -> [n, hidden]
+) -> torch.Tensor:
     """The routed experts' weighted sum -> [num_tokens, hidden]: the (token, slot) pairs grouped by
-    expert, one matmul pair per expert that got any, the outputs put back in pair order and summed
+    expert, one `mlp` call per expert that got any, the outputs put back in pair order and summed
     per token. Reads the group sizes on the host (a sync), so it is not for CUDA graphs.
 
     The pairs are grouped with `torch.sort`, as transformers' grouped path does: each expert's
@@ -131,14 +147,14 @@ def moe_reference(
     num_tokens, top_k = routing.expert_ids.shape
     pair_experts = routing.expert_ids.reshape(-1)  # [num_tokens * top_k]
     order = torch.sort(pair_experts).indices  # pairs grouped by expert
-    counts = torch.bincount(pair_experts, minlength=gate_up.shape[0]).tolist()
+    counts = torch.bincount(pair_experts, minlength=num_experts).tolist()
     rows = hidden[order // top_k]  # [num_tokens * top_k, hidden], grouped
     grouped = torch.empty_like(rows)
     start = 0
     for expert, count in enumerate(counts):
         if count:
             end = start + count
-            grouped[start:end] = expert_mlp(rows[start:end], gate_up[expert], down[expert])
+            grouped[start:end] = mlp(rows[start:end], expert)
             start = end
     pairs = torch.empty_like(grouped)
     pairs[order] = grouped  # back to (token, slot) order

@@ -4,7 +4,10 @@ Attention, norms and rotary are the Llama family's (llama.py: Qwen2-MoE has q/k/
 the q/k RMSNorm); the feed-forward block of a sparse layer is a `SparseMoeBlock` (router, stacked
 experts, and Qwen2-MoE's shared expert with its sigmoid gate), of a dense layer (Qwen's
 `mlp_only_layers`, `decoder_sparse_step`) the usual MLP. The experts run the torch reference
-(moe.py) on the CPU and the fused Triton kernel (fused_moe.py) on CUDA.
+(moe.py) on the CPU and the fused Triton kernel (fused_moe.py) on CUDA. A ModelOpt FP8 checkpoint
+(or dummy fp8 weights) makes the routed experts `Fp8Experts` (moe_fp8.py) and the attention,
+dense and shared-expert projections the usual fp8 linears; the router and the shared expert's
+gate stay in the compute dtype, as ModelOpt leaves them.
 
 Each block counts the (token, expert) pairs it routes in a device buffer (`routed_tokens`), with no
 host sync; `read_expert_load()` reads them when the engine state is built. Under CUDA graphs the
@@ -23,6 +26,7 @@ from torch import nn
 
 from engine.model.llama import MLP, LlamaForCausalLM
 from engine.model.moe import MOE_ARCHITECTURES, MoeSpec, Routing, moe_reference, route
+from engine.model.moe_fp8 import Fp8Experts
 from engine.quant.checkpoint import QuantConfig, QuantConfigError
 from engine.state import ExpertLoad
 
@@ -30,7 +34,7 @@ from engine.state import ExpertLoad
 # and what transformers 5 writes) or transformers 5's in-memory stacked layout.
 _EXPERT_TENSOR = re.compile(
     r"(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\."
-    r"(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight"
+    r"(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|weight_scale|input_scale)"
 )
 _STACKED_TENSOR = re.compile(r"(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\w+)")
 _PART = {
@@ -93,16 +97,19 @@ class Experts(nn.Module):
 class SparseMoeBlock(nn.Module):
     """Router -> top-k experts -> weighted sum, plus Qwen2-MoE's gated shared expert."""
 
-    def __init__(self, config, spec: MoeSpec, layer_index: int) -> None:
+    def __init__(
+        self, config, spec: MoeSpec, layer_index: int, quant: QuantConfig | None = None
+    ) -> None:
         super().__init__()
         self.spec = spec
         hidden = config.hidden_size
         self.gate = nn.Linear(hidden, spec.num_experts, bias=False)  # the router
-        self.experts = Experts(spec.num_experts, hidden, spec.expert_size)
+        experts_class = Fp8Experts if _experts_quantized(config, layer_index, quant) else Experts
+        self.experts = experts_class(spec.num_experts, hidden, spec.expert_size)
         self.shared_expert: MLP | None = None
         if spec.shared_expert_size:
             self.shared_expert = MLP(
-                config, layer_index, None, spec.shared_expert_size, hf_name="mlp.shared_expert"
+                config, layer_index, quant, spec.shared_expert_size, hf_name="mlp.shared_expert"
             )
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         # (token, expert) pairs routed to each expert since the engine started
@@ -125,10 +132,10 @@ class MoeForCausalLM(LlamaForCausalLM):
     """The Llama-family model whose sparse layers' MLP is a SparseMoeBlock."""
 
     def __init__(self, config, quant: QuantConfig | None = None) -> None:
-        if quant is not None:
+        if quant is not None and quant.algo not in MOE_QUANT_ALGOS:
             raise QuantConfigError(
-                f"{quant.source or 'the checkpoint'} is a quantized MoE model; the engine serves "
-                "MoE models unquantized only, for now"
+                f"{quant.source or 'the checkpoint'} is a {quant.algo} MoE model; the engine "
+                f"serves MoE models unquantized or in {', '.join(MOE_QUANT_ALGOS)} (recipe fp8)"
             )
         self.moe = MoeSpec.of(config)
         super().__init__(config, quant)
@@ -136,7 +143,7 @@ class MoeForCausalLM(LlamaForCausalLM):
 
     def make_mlp(self, config, layer_index: int, quant: QuantConfig | None) -> nn.Module:
         if self.moe.is_sparse(layer_index):
-            return SparseMoeBlock(config, self.moe, layer_index)
+            return SparseMoeBlock(config, self.moe, layer_index, quant)
         return MLP(config, layer_index, quant)
 
     def moe_blocks(self) -> list[tuple[int, SparseMoeBlock]]:
@@ -169,23 +176,33 @@ class MoeForCausalLM(LlamaForCausalLM):
     ) -> None:
         """The Llama-family load, with the expert tensors taken out of the stream and copied
         into each layer's stacked `Experts`, and Mixtral's block renamed to ours."""
-        experts = {n: m for n, m in self.named_modules() if isinstance(m, Experts)}
+        experts = {n: m for n, m in self.named_modules() if isinstance(m, (Experts, Fp8Experts))}
         super().load_weights(
             self._route_experts(weights, experts), loaded_elsewhere | experts.keys()
         )
         missing = [f"{n}: {m}" for n, module in experts.items() for m in module.missing()]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} expert tensors, e.g. {missing[:3]}")
+        for module in experts.values():
+            if isinstance(module, Fp8Experts):
+                module.finish_loading()
 
     def _route_experts(
-        self, weights: Iterable[tuple[str, torch.Tensor]], experts: dict[str, Experts]
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        experts: dict[str, Experts | Fp8Experts],
     ) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in weights:
             per_expert = _EXPERT_TENSOR.fullmatch(name)
             stacked = _STACKED_TENSOR.fullmatch(name)
             if per_expert is not None:
-                layer, expert, part = per_expert.groups()
+                layer, expert, part, suffix = per_expert.groups()
                 target, load = f"{layer}.mlp.experts", (_PART[part], int(expert))
+                if suffix != "weight" and not isinstance(experts.get(target), Fp8Experts):
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} is a quantization scale, but this model's "
+                        "experts are not quantized"
+                    )
             elif stacked is not None and stacked.group(2) in _STACKED_PART:
                 target, load = f"{stacked.group(1)}.mlp.experts", (_STACKED_PART[stacked[2]], None)
             else:
@@ -200,6 +217,32 @@ class MoeForCausalLM(LlamaForCausalLM):
             size = self.moe.shared_expert_size
             return shard * size, size
         return super()._shard_range(target, shard)
+
+
+MOE_QUANT_ALGOS = ("FP8",)  # ModelOpt algorithms the experts are served in (Fp8Experts)
+
+
+def _experts_quantized(config, layer_index: int, quant: QuantConfig | None) -> bool:
+    """Whether a layer's routed experts are FP8: quantized, and not in exclude_modules (checked
+    on expert 0's gate under the checkpoint's own block name)."""
+    if quant is None:
+        return False
+    block = "block_sparse_moe" if config.model_type == "mixtral" else "mlp"
+    gate = "w1" if config.model_type == "mixtral" else "gate_proj"
+    return not quant.is_excluded(f"model.layers.{layer_index}.{block}.experts.0.{gate}")
+
+
+def idle_expert_bytes(model: nn.Module) -> int:
+    """Weight bytes a batch-1 decode step does not read: in each sparse layer, the experts its
+    token is not routed to (num_experts - top_k of them; scales included). 0 for a dense model."""
+    if not isinstance(model, MoeForCausalLM):
+        return 0
+    total = 0
+    for _, block in model.moe_blocks():
+        experts = block.experts
+        stacked = sum(p.numel() * p.element_size() for p in experts.parameters())
+        total += stacked // experts.num_experts * (experts.num_experts - block.spec.top_k)
+    return total
 
 
 def read_expert_load(model: nn.Module, step: int) -> ExpertLoad | None:

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.rounding import round_e4m3 as _round_e4m3
+
 # M up to this takes the GEMV kernel. Off: at M = 1 on an H100 it measured 105 tok/s on the 8B
 # shape against the tensor-core kernel's 117 (docs/performance.md); its tiles need tuning first.
 GEMV_MAX_ROWS = 0
@@ -51,23 +53,6 @@ class TileConfig(NamedTuple):
     num_warps: int
     num_stages: int
     gemv: bool = False
-
-
-@triton.jit
-def _round_e4m3(v):
-    """float32 -> nearest float8_e4m3fn value (ties to even, saturating at +-448), as float32.
-    Normal e4m3 numbers (|v| >= 2^-6) keep 3 of float32's 23 mantissa bits: add half an ulp (plus
-    the kept LSB, for ties to even) and truncate. Below 2^-6 e4m3 is subnormal, multiples of 2^-9:
-    |v| * 2^9 (exact) is rounded to an integer by adding and subtracting 1.5 * 2^23, where the
-    float32 step is 1 (one rounding, to nearest even)."""
-    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-    a = tl.abs(v)
-    bits = a.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # keep exponent and 3 bits
-    normal = bits.to(tl.float32, bitcast=True)
-    subnormal = ((a * 512.0 + 12582912.0) - 12582912.0) * 0.001953125
-    r = tl.where(a < 0.015625, subnormal, normal)
-    return tl.where(v < 0, -r, r)
 
 
 @triton.jit
