@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -163,6 +163,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--books-share", type=float, default=0.2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init-from", type=Path, help="continue from a head trained by this script (its config)"
+    )
     return p.parse_args(argv)
 
 
@@ -181,18 +184,30 @@ def main(argv: list[str] | None = None) -> None:
     aux = (2, tcfg.num_hidden_layers // 2, tcfg.num_hidden_layers - 3)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.init_from is not None:
+        config = json.loads((args.init_from / "config.json").read_text())
+        args.draft_vocab, args.intermediate = (
+            config["draft_vocab_size"],
+            config["intermediate_size"],
+        )
+        initial = load_file(args.init_from / "model.safetensors")  # read before it is rewritten
     config = head_config(tcfg, args, aux)
     (args.out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     hcfg = load_head_config(args.out_dir)
     assert aux_layer_ids(hcfg, tcfg.num_hidden_layers) == aux
     head = Eagle3Head(hcfg, tcfg.hidden_size, tcfg.vocab_size)
-    target_ids = draft_vocabulary(data, args.draft_vocab, tcfg.vocab_size)
-    head.d2t.copy_(target_ids - torch.arange(args.draft_vocab))
-    head.t2d.zero_()
-    head.t2d[target_ids] = True
-    with torch.no_grad():  # start from the target's output layer, restricted to the draft ids
-        head.lm_head.weight.copy_(target.get_output_embeddings().weight[target_ids])
-        head.norm.weight.copy_(target.model.norm.weight)
+    if args.init_from is not None:
+        head.load_weights(
+            (n, t.float() if t.is_floating_point() else t) for n, t in initial.items()
+        )
+    else:
+        target_ids = draft_vocabulary(data, args.draft_vocab, tcfg.vocab_size)
+        head.d2t.copy_(target_ids - torch.arange(args.draft_vocab))
+        head.t2d.zero_()
+        head.t2d[target_ids] = True
+        with torch.no_grad():  # start from the target's output layer, restricted to the draft ids
+            head.lm_head.weight.copy_(target.get_output_embeddings().weight[target_ids])
+            head.norm.weight.copy_(target.model.norm.weight)
     trainer = Trainer(target, head, aux, args.ttt_steps)
     params = [p for n, p in head.named_parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -242,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         "held_out_top1_agreement_per_step": eval_agree,
         "history": history[-10:],
     }
+    if args.init_from is not None and (args.init_from / "training_report.json").is_file():
+        earlier = json.loads((args.init_from / "training_report.json").read_text())
+        report["continues"] = {k: v for k, v in earlier.items() if k != "history"}
     (args.out_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {args.out_dir}")
 
