@@ -190,3 +190,17 @@ def test_bundled_head_is_lossless_and_beats_the_draft_model():
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
         mean[method] = llm.state().spec_mean_accepted
     assert mean["eagle"] > mean["draft"], mean
+
+
+@pytest.mark.parametrize("command", ["generate", "bench", "serve", "chat"])
+def test_speculative_eagle_flag_on_every_command(command):
+    from workbench.cli import build_parser, engine_config_from_args
+
+    extra = ["--prompt", "x"] if command == "generate" else []
+    parse = build_parser().parse_args
+    args = parse([command, *extra, "--speculative", "eagle", "--spec-tokens", "5"])
+    spec = engine_config_from_args(args).speculative
+    assert spec == {"method": "eagle", "num_tokens": 5}
+    assert SpeculativeConfig.from_dict(spec).model == "tiny-eagle"  # the method's default
+    args = parse([command, *extra, "--speculative", "eagle", "--draft-model", "/h"])
+    assert engine_config_from_args(args).speculative["model"] == "/h"
