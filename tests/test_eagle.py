@@ -117,6 +117,68 @@ def test_target_keeps_the_inputs_of_the_aux_layers(llama_checkpoint, head_dirs):
     torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5)
 
 
+class DenseCausal:
+    """One sequence's causal attention, no cache: the reference for the paged head."""
+
+    def __init__(self) -> None:
+        self.backend = self
+
+    def forward(self, q, k, v, kv_cache, meta, scale):  # [T, heads, d] / [T, kv_heads, d]
+        groups = q.shape[1] // k.shape[1]
+        k, v = (x.repeat_interleave(groups, dim=1).transpose(0, 1) for x in (k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k, v, is_causal=True, scale=scale
+        )
+        return out.transpose(0, 1)
+
+
+def reference_drafts(hf, head, layers, tokens: list[int], k: int) -> list[int]:
+    """Greedy chain drafting recomputed densely: with one layer, the K/V at a position depend on
+    that position's inputs only, so this is what the paged head must propose."""
+    with torch.no_grad():
+        states = hf(torch.tensor([tokens]), output_hidden_states=True).hidden_states
+        aux = torch.cat([states[i][0] for i in layers], dim=-1)[: len(tokens) - 1]
+        hidden = head.combine(aux)  # [n - 1, hidden]
+        inputs, drafts = list(tokens[1:]), []
+        embed = hf.get_input_embeddings()
+        for _ in range(k):
+            embeds = embed(torch.tensor(inputs))
+            positions = torch.arange(len(inputs))
+            normed, prenorm = head(embeds, hidden, positions, None, DenseCausal())
+            drafts.append(int(head.logits(normed[-1:]).argmax()))
+            hidden = torch.cat([hidden, prenorm[-1:]])
+            inputs.append(drafts[-1])
+    return drafts
+
+
+def test_paged_head_proposes_what_the_dense_head_does(llama_checkpoint, head_dirs):
+    llm = LLM(
+        str(llama_checkpoint),
+        block_size=2,
+        max_num_tokens=5,  # prompts in chunks
+        speculative=eagle(head_dirs["draft-vocab"], num_tokens=3),
+    )
+    proposer = llm.engine.speculator.draft
+    seen = []
+    propose = proposer.propose
+
+    def recording(requests, ks):  # copies: the scheduler trims drafts that do not fit
+        results = propose(requests, ks)
+        seen.extend(
+            (list(r.all_token_ids), k, list(d))
+            for r, k, (d, _) in zip(requests, ks, results, strict=True)
+        )
+        return results
+
+    proposer.propose = recording
+    llm.generate(random_prompts([7, 3, 12], seed=8), SamplingParams(max_tokens=8, ignore_eos=True))
+    hf = AutoModelForCausalLM.from_pretrained(str(llama_checkpoint), dtype=torch.float32)
+    layers = llm.engine.model.aux_hidden_layers
+    assert len(seen) > 6
+    for tokens, k, drafts in seen:
+        assert drafts == reference_drafts(hf, proposer.head, layers, tokens, k)
+
+
 def test_plain_engine_keeps_no_hidden_states(llama_checkpoint):
     llm = LLM(str(llama_checkpoint), block_size=4)
     llm.generate(random_prompts([5], seed=1), GREEDY)
