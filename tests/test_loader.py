@@ -301,7 +301,8 @@ def test_unknown_hub_id_offline(
         resolve_model_dir("workbench-tests/no-such-model", cache_dir=cache_dir)
     assert str(err.value) == (
         "model 'workbench-tests/no-such-model' is not a local directory, a bundled name "
-        "(tiny, tiny-draft) or a cached Hugging Face model, and the Hub cannot be reached "
+        "(tiny, tiny-draft, tiny-eagle) or a cached Hugging Face model, and the Hub cannot be "
+        "reached "
         "(HF_HUB_OFFLINE=1)"
     )
     # No chained hub-client traceback under ours.
