@@ -115,7 +115,11 @@ class EngineCore:
             loaded,
             num_blocks=lambda layout: self._size_pool(layout, model_max_len),
             enable_prefix_caching=config.enable_prefix_caching,
-            use_graphs=self.device.type == "cuda" and not config.enforce_eager,
+            # EAGLE reads the hidden states of every target forward, which a graph replay
+            # does not keep.
+            use_graphs=self.device.type == "cuda"
+            and not config.enforce_eager
+            and (config.speculative or {}).get("method") != "eagle",
         )
         num_blocks = worker.num_blocks
         self.kv_quant = worker.kv_quant
@@ -144,6 +148,7 @@ class EngineCore:
                 self.vocab_size,
                 num_blocks,
                 self.sampler,
+                target_model=self.model,
             )
 
         self._streams: dict[str, RequestStream] = {}  # every request not yet reported finished
@@ -304,6 +309,7 @@ class EngineCore:
         start, chunks = self._start_step(batch)
         # [sum num_logits, vocab]; prompt logprobs recorded on their requests
         logits = run_scoring_prompts(self.runner, batch.scheduled, chunks, len(batch.decodes))
+        self.speculator.after_forward([r for r, _ in batch.scheduled], chunks)
         new_tokens, rejected = self._sample(batch, chunks, logits)
         return outputs + self._update(batch, new_tokens, rejected, start)
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from tiny_checkpoints import make_tiny_eagle_head
 
 from bench.hf import build_hf_model, engine_weights_as_hf
 from bench.offline import BenchConfig, run_benchmark
@@ -153,6 +154,20 @@ def test_speculative_bench_runs_both_ways_and_stays_lossless(llama_checkpoint, c
         report["results"]["output_tok_s"] / report["plain"]["output_tok_s"]
     )
     assert "speedup" in printed and "acceptance 100.0%" in printed
+
+
+def test_eagle_bench_runs_next_to_plain_decoding(llama_checkpoint, capsys, tmp_path):
+    head = make_tiny_eagle_head(llama_checkpoint, tmp_path / "head", seed=2, draft_vocab_size=64)
+    argv = [
+        "--model", str(llama_checkpoint), "--num-requests", "2", "--input-len", "9",
+        "--output-len", "8", "--concurrency", "2", "--block-size", "4",
+        "--speculative", "eagle", "--draft-model", str(head), "--spec-tokens", "2",
+    ]  # fmt: skip
+    report, printed = run_bench(capsys, tmp_path, *argv)
+    assert report["speculative"] == {"method": "eagle", "num_tokens": 2, "model": str(head)}
+    assert report["same_tokens"] == report["num_requests"] == 2
+    assert report["results"]["spec"]["num_proposed"] > 0
+    assert "tokens per verify step" in printed
 
 
 def test_bad_speculative_option_is_a_one_line_error(capsys):

@@ -246,7 +246,12 @@ def test_bundled_names_resolve(name: str) -> None:
         pytest.skip(f"bundled model {name} is not built yet")
     model_dir = resolve_model_dir(name)
     assert model_dir == loader.BUNDLED_DIR / name
-    load_config(model_dir)
+    if name == "tiny-eagle":  # an EAGLE-3 head for "tiny", not a model to serve
+        from engine.spec.eagle import load_head_config
+
+        load_head_config(model_dir)
+    else:
+        load_config(model_dir)
 
 
 def test_missing_bundled_model_is_a_clear_error(
@@ -296,7 +301,8 @@ def test_unknown_hub_id_offline(
         resolve_model_dir("workbench-tests/no-such-model", cache_dir=cache_dir)
     assert str(err.value) == (
         "model 'workbench-tests/no-such-model' is not a local directory, a bundled name "
-        "(tiny, tiny-draft) or a cached Hugging Face model, and the Hub cannot be reached "
+        "(tiny, tiny-draft, tiny-eagle) or a cached Hugging Face model, and the Hub cannot be "
+        "reached "
         "(HF_HUB_OFFLINE=1)"
     )
     # No chained hub-client traceback under ours.

@@ -315,3 +315,60 @@ _FAMILY.update(
         ),
     }
 )
+
+
+def make_tiny_eagle_head(
+    target_dir: Path,
+    out: Path,
+    seed: int = 0,
+    draft_vocab_size: int | None = None,
+    aux_layer_ids: tuple[int, ...] | None = (0, 1, 1),
+) -> Path:
+    """A random EAGLE-3 head for the checkpoint at `target_dir`, in the layout vLLM loads
+    (config.json with draft_vocab_size and eagle_config, fc / midlayer.* / norm / lm_head /
+    d2t / t2d). With `draft_vocab_size` the draft vocabulary is a random subset of the target's
+    (d2t maps it); `aux_layer_ids` None leaves the default (2, L // 2, L - 3)."""
+    from safetensors.torch import save_file
+
+    from engine.spec.eagle import Eagle3Head, load_head_config
+
+    target = json.loads((Path(target_dir) / "config.json").read_text())
+    vocab = target["vocab_size"]
+    values = {
+        key: target[key]
+        for key in (
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "rms_norm_eps",
+            "vocab_size",
+            "max_position_embeddings",
+            "rope_parameters",
+        )
+        if key in target
+    }
+    values |= {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "num_hidden_layers": 1,
+        "intermediate_size": 96,
+        "draft_vocab_size": draft_vocab_size or vocab,
+        "target_hidden_size": target["hidden_size"],
+        "tie_word_embeddings": False,
+    }
+    if aux_layer_ids is not None:
+        values["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(aux_layer_ids)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(values, indent=2))
+    head = Eagle3Head(load_head_config(out), target["hidden_size"], vocab)
+    _randomize(head, seed, std=0.2)
+    if draft_vocab_size:
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randperm(vocab, generator=generator)[:draft_vocab_size].sort().values
+        head.d2t.copy_(ids - torch.arange(draft_vocab_size))
+        head.t2d.zero_()
+        head.t2d[ids] = True
+    save_file(head.checkpoint_tensors(torch.float32), str(out / "model.safetensors"))
+    return out

@@ -87,11 +87,14 @@ def add_engine_args(
     )
     g.add_argument(
         "--speculative",
-        choices=("ngram", "draft"),
-        help="speculative decoding: prompt-lookup n-grams or a draft model",
+        choices=("ngram", "draft", "eagle"),
+        help="speculative decoding: prompt-lookup n-grams, a draft model or an EAGLE-3 head",
     )
     g.add_argument("--spec-tokens", type=int, default=4, help="draft tokens per step (4)")
-    g.add_argument("--draft-model", default="tiny-draft", help="for --speculative draft")
+    g.add_argument(
+        "--draft-model",
+        help="for --speculative draft (default tiny-draft) or eagle (an EAGLE-3 head, tiny-eagle)",
+    )
 
 
 _ENGINE_FIELDS = (
@@ -122,7 +125,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     method = getattr(args, "speculative", None)
     if method is not None:
         values["speculative"] = {"method": method, "num_tokens": args.spec_tokens}
-        if method == "draft":
+        if method in ("draft", "eagle") and args.draft_model is not None:
             values["speculative"]["model"] = args.draft_model
     given = {k: v for k, v in values.items() if v is not None}
     if given.get("model") is not None:  # an engine directory's stored serving defaults

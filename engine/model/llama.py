@@ -165,6 +165,11 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """One class for the whole family; the config's `model_type` picks the variant."""
 
+    # EAGLE-3 (engine/spec/eagle.py): the layers whose input (the residual stream after the
+    # layer before) each eager forward keeps in `aux_hidden_states`; empty: nothing is kept.
+    aux_hidden_layers: tuple[int, ...] = ()
+    aux_hidden_states: torch.Tensor | None = None  # [num_tokens, len(layers) * hidden]
+
     # Hugging Face parameter name fragment -> (our fused parameter fragment, shard index)
     _FUSED = {
         ".q_proj.": (".qkv_proj.", 0),
@@ -214,8 +219,23 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """-> final hidden states [num_tokens, hidden]; `logits` scores the rows it is given."""
         hidden, residual = self.model.embed_tokens(input_ids), None
+        if self.aux_hidden_layers:
+            return self._forward_keeping_aux(hidden, positions, kv_caches, meta)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, self.rotary, positions, kv_cache, meta)
+        return self.model.norm(hidden, residual)[0]
+
+    def _forward_keeping_aux(self, hidden, positions, kv_caches, meta) -> torch.Tensor:
+        """`forward` that also keeps the residual stream entering the aux layers (a separate
+        loop, so the plain path has no per-layer check)."""
+        kept: dict[int, torch.Tensor] = {}
+        residual = None
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
+            if i in self.aux_hidden_layers:
+                # A new tensor: the fused norm may overwrite hidden and residual in place.
+                kept[i] = hidden if residual is None else hidden + residual
+            hidden, residual = layer(hidden, residual, self.rotary, positions, kv_cache, meta)
+        self.aux_hidden_states = torch.cat([kept[i] for i in self.aux_hidden_layers], dim=-1)
         return self.model.norm(hidden, residual)[0]
 
     def enable_fused_kernels(self, names: frozenset[str], max_positions: int) -> None:

@@ -24,7 +24,7 @@ from .moe import MOE_ARCHITECTURES
 from .presets import PRESETS, preset_config
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"  # engine/bundled/<name>/
-BUNDLED_MODELS = ("tiny", "tiny-draft")
+BUNDLED_MODELS = ("tiny", "tiny-draft", "tiny-eagle")  # tiny-eagle: an EAGLE-3 head
 
 SUPPORTED_ARCHITECTURES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
@@ -104,7 +104,7 @@ def resolve_model_dir(
 ) -> Path:
     """Return the directory that holds `model`.
 
-    In order: a bundled name ("tiny", "tiny-draft"); an existing local directory (an HF checkpoint
+    In order: a bundled name (BUNDLED_MODELS); an existing local directory (an HF checkpoint
     or an engine dir); a Hub id "org/name", fetched with `huggingface_hub.snapshot_download`
     (config, safetensors, tokenizer files only), which reuses the HF cache (`cache_dir`, default
     HF_HUB_CACHE) and honours HF_HUB_OFFLINE. Anything else raises `ModelNotFoundError`.

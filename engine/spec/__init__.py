@@ -4,17 +4,19 @@ target's, and greedy output is the target's greedy output)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-METHODS = ("ngram", "draft")
+METHODS = ("ngram", "draft", "eagle")
+# The model a method uses when `model` is not given.
+DEFAULT_MODELS = {"draft": "tiny-draft", "eagle": "tiny-eagle"}
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     method: str
     num_tokens: int = 4  # k: draft tokens proposed per step
-    model: str = "tiny-draft"  # draft model, for method "draft"
+    model: str | None = None  # draft model ("draft") or EAGLE-3 head ("eagle"): DEFAULT_MODELS
     prompt_lookup_min: int = 1  # n-gram sizes tried, longest first, for method "ngram"
     prompt_lookup_max: int = 4
 
@@ -32,6 +34,8 @@ class SpeculativeConfig:
         config = cls(**spec)
         if config.method not in METHODS:
             raise ValueError(f"speculative method must be one of {METHODS}, got {config.method!r}")
+        if config.model is None and config.method in DEFAULT_MODELS:
+            config = replace(config, model=DEFAULT_MODELS[config.method])
         if not 1 <= config.num_tokens <= 16:
             raise ValueError(f"speculative num_tokens must be in [1, 16], got {config.num_tokens}")
         if not 1 <= config.prompt_lookup_min <= config.prompt_lookup_max:

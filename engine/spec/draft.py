@@ -17,7 +17,8 @@ from engine.config import EngineConfig
 from engine.model.builder import load_model
 from engine.request import Request
 from engine.runner import SeqChunk
-from engine.sampler import Sampler, SamplingRow, make_generator
+from engine.sampler import Sampler
+from engine.spec.draft_sampling import DraftSampling
 from engine.worker import build_worker
 
 
@@ -61,21 +62,9 @@ class DraftProposer:
         self.kv = worker.kv
         self.cache = worker.kv_cache
         self.runner = worker.runner
-        self.sampler = sampler
         self.device = loaded.device
+        self.sampling = DraftSampling(sampler, loaded.device)
         self.seqs: dict[str, DraftSeq] = {}
-        self.generators: dict[str, torch.Generator | None] = {}
-
-    def _generator(self, request: Request) -> torch.Generator | None:
-        rid = request.request_id
-        if rid not in self.generators:
-            seed = request.params.seed
-            # Seeded requests draw their drafts from a generator of their own, derived from the
-            # seed, so their output does not depend on the batch around them.
-            self.generators[rid] = (
-                None if seed is None else make_generator(seed * 1_000_003 + 17, self.device)
-            )
-        return self.generators[rid]
 
     def propose(
         self, requests: list[Request], ks: list[int]
@@ -108,9 +97,8 @@ class DraftProposer:
         active = [active[j] for j in order]
         for step in range(max(ks[i] for i in active)):
             logits = self.runner.run(chunks, num_decodes)  # [len(chunks), vocab]
-            rows = [self._row(requests[i], drafts[i]) for i in active]
-            q = self.sampler.probabilities(self.sampler.process_logits(logits, rows), rows)
-            tokens = self.sampler.draw(q, rows).tolist()
+            rows = [self.sampling.row(requests[i], drafts[i]) for i in active]
+            tokens, q = self.sampling.draw(logits, rows)
             next_chunks, next_active = [], []
             for j, i in enumerate(active):
                 drafts[i].append(tokens[j])
@@ -134,15 +122,6 @@ class DraftProposer:
             results[i] = (tokens, torch.stack(probs[i]))
         return results
 
-    def _row(self, request: Request, drafts: list[int]) -> SamplingRow:
-        return SamplingRow(
-            params=request.params,
-            prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=request.output_token_ids + drafts,
-            generator=self._generator(request),
-            eos_token_ids=request.eos_token_ids,
-        )
-
     def rollback(self, request: Request, num_valid: int) -> None:
         """Only the first `num_valid` tokens in the draft cache still match the request."""
         seq = self.seqs.get(request.request_id)
@@ -154,4 +133,4 @@ class DraftProposer:
         seq = self.seqs.pop(request.request_id, None)
         if seq is not None:  # it holds pages only once an allocation succeeded
             self.kv.free(seq)
-        self.generators.pop(request.request_id, None)
+        self.sampling.forget(request)

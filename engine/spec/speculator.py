@@ -4,7 +4,7 @@ target's forward pass, roll the draft back to what was accepted."""
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -15,6 +15,12 @@ from engine.spec import SpecStats, SpeculativeConfig
 from engine.spec.ngram import propose_ngram
 from engine.spec.rejection import verify
 from engine.state import SpecState
+
+if TYPE_CHECKING:
+    from engine.model.llama import LlamaForCausalLM
+    from engine.runner import SeqChunk
+    from engine.spec.draft import DraftProposer
+    from engine.spec.eagle_proposer import EagleProposer
 
 
 class Verified(NamedTuple):
@@ -37,15 +43,24 @@ class Speculator:
         vocab_size: int,
         num_blocks: int,
         sampler: Sampler,
+        target_model: LlamaForCausalLM | None = None,  # method "eagle" reads its hidden states
     ) -> None:
         self.config = config
         self.sampler = sampler
         self.stats = SpecStats()
-        self.draft = None
+        self.draft: DraftProposer | EagleProposer | None = None
         if config.method == "draft":
             from engine.spec.draft import DraftProposer
 
             self.draft = DraftProposer(config.model, engine_config, vocab_size, num_blocks, sampler)
+        elif config.method == "eagle":
+            from engine.spec.eagle_proposer import EagleProposer
+
+            if target_model is None:
+                raise ValueError("EAGLE speculation needs the target model")
+            self.draft = EagleProposer(
+                config.model, engine_config, target_model, num_blocks, sampler
+            )
         self._proposed: list[tuple[Request, int]] = []  # (request, its length when proposed)
 
     def reset_stats(self) -> None:
@@ -84,6 +99,12 @@ class Speculator:
             request.spec_probs = probs
             self._proposed.append((request, request.num_tokens))
         self.stats.draft_time_s += time.perf_counter() - start
+
+    def after_forward(self, requests: list[Request], chunks: list[SeqChunk]) -> None:
+        """The target's forward over `chunks` (one per request) has run: EAGLE keeps the hidden
+        states it needs from it."""
+        if self.config.method == "eagle":
+            self.draft.capture(requests, chunks)
 
     def verify(self, request: Request, logits: torch.Tensor) -> Verified:
         """logits: [1 + k, vocab] target logits at the request's last token and its k drafts."""
@@ -153,6 +174,9 @@ class NoSpeculation:
     draft = None
 
     def propose(self, running: list[Request], max_model_len: int) -> None:
+        pass
+
+    def after_forward(self, requests: list[Request], chunks: list[SeqChunk]) -> None:
         pass
 
     def verify(self, request: Request, logits: torch.Tensor) -> Verified:
