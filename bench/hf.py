@@ -2,8 +2,8 @@
 
 Same weights: a checkpoint the engine read from disk is read again with
 `AutoModelForCausalLM.from_pretrained` (same dtype, same device); with `load_format="dummy"` there
-is nothing on disk, so the HF model is built from the engine's config and the engine's random
-weights are copied into it by name, un-fusing q/k/v (`qkv_proj`) and gate/up (`gate_up_proj`).
+is nothing on disk, so the HF model is built from the engine's config and shares the engine's random
+weights by name (no copy), un-fusing q/k/v (`qkv_proj`) and gate/up (`gate_up_proj`).
 
 Same work: the prompts go `batch_size` at a time (the benchmark's concurrency), left-padded, greedy,
 with min_new_tokens = max_new_tokens = OSL so every sequence emits exactly OSL tokens, as the
@@ -21,6 +21,9 @@ import torch
 
 from engine.config import EngineConfig
 from engine.model.llama import LlamaForCausalLM
+from engine.model.moe_model import STACKED_PART
+
+_HF_STACKED_NAME = {ours: theirs for theirs, ours in STACKED_PART.items()}
 
 __all__ = ["HFRun", "build_hf_model", "engine_weights_as_hf", "hf_generate"]
 
@@ -33,7 +36,8 @@ class HFRun(NamedTuple):
 
 def engine_weights_as_hf(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     """Our parameters under Hugging Face names: each fused matrix split back into its parts
-    (views, no copies). The inverse of `LlamaForCausalLM.load_weights`."""
+    (views, no copies), a MoE layer's expert stacks renamed. The inverse of
+    `LlamaForCausalLM.load_weights`."""
     attn = model.model.layers[0].self_attn
     qkv_sizes = [attn.q_size, attn.kv_size, attn.kv_size]
     mlp_sizes = [model.config.intermediate_size] * 2
@@ -47,6 +51,9 @@ def engine_weights_as_hf(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
             parts = zip(("gate_proj", "up_proj"), param.data.split(mlp_sizes), strict=True)
             for hf_part, tensor in parts:
                 out[name.replace("gate_up_proj", hf_part)] = tensor
+        elif ".experts." in name and name.rsplit(".", 1)[1] in _HF_STACKED_NAME:
+            prefix, ours = name.rsplit(".", 1)  # a MoE layer's stacked experts, same layout
+            out[f"{prefix}.{_HF_STACKED_NAME[ours]}"] = param.data
         else:
             out[name] = param.data
     return out
@@ -59,22 +66,40 @@ def build_hf_model(
     from transformers import AutoModelForCausalLM
 
     if config.load_format == "dummy":
-        with torch.device(device):
+        # Built on the meta device, then handed the engine's own tensors (assign=True): the two
+        # models share one copy of the weights, so a model over half the GPU (Mixtral-8x7B in
+        # bf16) still has its peer.
+        with torch.device("meta"):
             hf = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
         weights = engine_weights_as_hf(model)
-        missing, unexpected = hf.load_state_dict(weights, strict=False)
+        missing, unexpected = hf.load_state_dict(weights, strict=False, assign=True)
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
             raise RuntimeError(
-                f"cannot copy the engine's weights into transformers' model: missing "
+                f"cannot share the engine's weights with transformers' model: missing "
                 f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
             )
+        hf.tie_weights()
+        _rebuild_rotary_buffers(hf, device)
     else:
         from engine.model.loader import resolve_model_dir
 
         hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(config.model)), dtype=dtype)
         hf.to(device)
     return hf.eval()
+
+
+def _rebuild_rotary_buffers(hf: Any, device: torch.device) -> None:
+    """The rotary embeddings' inv_freq is computed at construction and saved nowhere: built again
+    on `device` for the modules a meta-device build left empty."""
+    for parent in list(hf.modules()):
+        for child_name, child in list(parent.named_children()):
+            if any(b.is_meta for b in child.buffers(recurse=False)):
+                with torch.device(device):
+                    setattr(parent, child_name, type(child)(config=child.config))
+    left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"transformers' model kept tensors without storage: {left[:3]}")
 
 
 @torch.inference_mode()

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
-from engine import LLM, SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine import LLM, SamplingParams  # noqa: E402
 
 PARAMS = SamplingParams(max_tokens=1, ignore_eos=True)
 

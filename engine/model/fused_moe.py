@@ -129,9 +129,13 @@ def _quantize_e4m3(x, inv_scale, DOT_MODE: tl.constexpr):
     engine.quant.fp8.quantize_fp8: an e4m3 tensor for FP8 tensor cores, else its values (by
     integer arithmetic: the interpreter's float32 -> e4m3 cast drops the carry when the mantissa
     rounds up into the next power of two)."""
+    # if/else, not an early return: the compiler types every return it reaches, and a constexpr
+    # `if` only drops the untaken branch of its own statement.
     if DOT_MODE == 0:
-        return tl.clamp(x * inv_scale, -448.0, 448.0).to(tl.float8e4nv)
-    return round_e4m3(x * inv_scale)
+        quantized = tl.clamp(x * inv_scale, -448.0, 448.0).to(tl.float8e4nv)
+    else:
+        quantized = round_e4m3(x * inv_scale)
+    return quantized
 
 
 @triton.jit

@@ -41,7 +41,8 @@ _PART = {
     **{"w1": "gate", "w3": "up", "w2": "down"},  # Mixtral
     **{"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},  # Qwen MoEs
 }
-_STACKED_PART = {"gate_up_proj": "gate_up", "down_proj": "down"}
+# transformers (5.x) stacked expert tensors -> our Experts parameter names.
+STACKED_PART = {"gate_up_proj": "gate_up", "down_proj": "down"}
 _MIXTRAL_BLOCK = ".block_sparse_moe."  # Mixtral's name for the MoE block; ours is `.mlp.`
 
 
@@ -203,8 +204,8 @@ class MoeForCausalLM(LlamaForCausalLM):
                         f"checkpoint tensor {name!r} is a quantization scale, but this model's "
                         "experts are not quantized"
                     )
-            elif stacked is not None and stacked.group(2) in _STACKED_PART:
-                target, load = f"{stacked.group(1)}.mlp.experts", (_STACKED_PART[stacked[2]], None)
+            elif stacked is not None and stacked.group(2) in STACKED_PART:
+                target, load = f"{stacked.group(1)}.mlp.experts", (STACKED_PART[stacked[2]], None)
             else:
                 yield name.replace(_MIXTRAL_BLOCK, ".mlp."), tensor
                 continue
