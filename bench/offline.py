@@ -170,7 +170,10 @@ def run_requests(
 ) -> RunResult:
     """Run `prompts` through `core` with at most `concurrency` in flight; every request must end
     with exactly `output_len` tokens."""
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    # Only finished outputs are read, as trtllm-bench reads them: no per-step text.
+    params = SamplingParams(
+        max_tokens=output_len, temperature=0.0, ignore_eos=True, output_kind="final"
+    )
     waiting = deque(enumerate(prompts))
     in_flight: dict[str, int] = {}
     finished: list[Any] = [None] * len(prompts)

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from engine.structured import StructuredSpec
 
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # how KV pages are stored: engine/kv/quant.py
+# "stream": an output each step the request ran (text detokenized token by token);
+# "final": one output, when it finishes (its text decoded once, unless stop strings need it
+# token by token); both end with the same tokens and text. vLLM's RequestOutputKind.FINAL_ONLY.
+OUTPUT_KINDS = ("stream", "final")
 
 
 @dataclass
@@ -41,6 +45,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured: StructuredSpec | None = None  # grammar the output must match (engine/structured.py)
+    output_kind: str = "stream"  # OUTPUT_KINDS: every step's delta, or only the finished output
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -89,6 +94,10 @@ class SamplingParams:
         _check(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids must be non-negative integers",
+        )
+        _check(
+            self.output_kind in OUTPUT_KINDS,
+            f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}",
         )
         if self.structured is not None:
             from engine.structured import StructuredSpec

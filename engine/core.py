@@ -343,9 +343,15 @@ class EngineCore:
         return self._touched_outputs(batch)
 
     def _touched_outputs(self, batch: SchedulerOutput) -> list[RequestOutput]:
-        """One output per request the batch scheduled (once each), unless already forgotten."""
+        """One output per request the batch scheduled (once each), unless already forgotten or
+        it reports only its final output and has not finished."""
         touched = {r.request_id: r for r, _ in batch.scheduled}
-        return [self._output(r) for rid, r in touched.items() if rid in self._streams]
+        outputs: list[RequestOutput] = []
+        for rid, request in touched.items():
+            stream = self._streams.get(rid)
+            if stream is not None and (stream.reports_each_step or request.is_finished):
+                outputs.append(self._output(request))  # a finished request is forgotten here
+        return outputs
 
     def _overlaps(self) -> bool:
         overlap = self.config.async_scheduling

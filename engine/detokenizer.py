@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.config import SamplingParams
@@ -161,6 +161,10 @@ class _TextStream:
             # a push stays O(bound); the U+FFFD shown may differ from `decode` in this case.
             return self._advance(n, text)
         return ""
+
+    def extend(self, token_ids: Iterable[int]) -> None:
+        """Add tokens without decoding them, for one `flush` to decode them all."""
+        self._ids.extend(token_ids)
 
     def flush(self) -> str:
         """All pending text, final or not (an incomplete character decodes to U+FFFD here, as in
@@ -324,11 +328,15 @@ class IncrementalDetokenizer:
         text = self._stream.push(kept) if kept else ""
         return self._release(text, final=False)
 
-    def flush(self) -> str:
+    def flush(self, unpushed_token_ids: Sequence[int] = ()) -> str:
         """At finish for a reason other than a stop string (EOS, length, abort): everything held
-        back so far. Stop strings still apply to the text this releases. Later calls return ""."""
+        back so far, and the text of `unpushed_token_ids`, output tokens never pushed (a request
+        that reports only its final output hands them all over here, decoded in one go). Stop
+        strings still apply to the text this releases. Later calls return ""."""
         if self._finished:
             return ""
+        self._num_tokens += len(unpushed_token_ids)
+        self._stream.extend(t for t in unpushed_token_ids if t not in self._skipped_ids)
         return self._release(self._stream.flush(), final=True).delta
 
     def _release(self, new_text: str, final: bool) -> DetokenizerUpdate:

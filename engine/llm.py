@@ -8,6 +8,7 @@ Both have the shape of vLLM's and TensorRT-LLM's LLM API:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -76,6 +77,7 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        params = _final_only(params)
         results: dict[str, RequestOutput] = {}
         order: list[str] = []
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
@@ -240,3 +242,13 @@ class AsyncLLM:
 
 
 __all__ = ["LLM", "AsyncLLM", "EngineConfig", "SamplingParams", "render_chat"]
+
+
+def _final_only(params: Sequence[SamplingParams]) -> list[SamplingParams]:
+    """`generate` returns only finished outputs: the engine need not report (nor detokenize)
+    the ones in between. One copy per distinct SamplingParams (a shared one stays shared)."""
+    copies: dict[int, SamplingParams] = {}
+    for p in params:
+        if id(p) not in copies and isinstance(p, SamplingParams):
+            copies[id(p)] = dataclasses.replace(p, output_kind="final")
+    return [copies.get(id(p), p) for p in params]

@@ -1,6 +1,7 @@
 """`RequestStream`: the output side of one request, everything the engine keeps about it besides
 the `Request` the scheduler sees: its detokenizer, what was already reported, the text detokenized
-but not yet reported, its grammar matcher and whether it must run one step at a time.
+but not yet reported (or, for a request that reports only its final output, the tokens it will
+decode at the finish), its grammar matcher and whether it must run one step at a time.
 
 `EngineCore.add_request` creates one, and the engine forgets it in one place: the output that
 reports the request finished (`EngineCore._output`).
@@ -27,6 +28,19 @@ class RequestStream:
     needs_each_token: bool
     num_sent_tokens: int = 0  # output tokens already reported
     pending_text: str = ""  # detokenized text not yet reported
+    # Output tokens kept for the detokenizer to decode at the finish, in one go: a request that
+    # reports only its final output (output_kind "final") and has no stop string to look for.
+    undecoded: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        params = self.request.params
+        if params.output_kind == "final" and not params.stop and self.detokenizer is not None:
+            self.undecoded = []
+
+    @property
+    def reports_each_step(self) -> bool:
+        """Does the request report an output every step it runs (else only when it finishes)?"""
+        return self.request.params.output_kind == "stream"
 
     def accept(self, token_id: int, n: int, max_model_len: int) -> Stop | None:
         """The request's n-th output token: advance the grammar and the detokenizer, and say
@@ -39,7 +53,9 @@ class RequestStream:
         stop = check_stop(self.request, token_id, n, max_model_len)
         if stop is not None and stop.by_stop_token:
             return stop
-        if self.detokenizer is not None:
+        if self.undecoded is not None:
+            self.undecoded.append(token_id)
+        elif self.detokenizer is not None:
             update = self.detokenizer.push([token_id])
             self.pending_text += update.delta
             if update.stop_string is not None:
@@ -57,7 +73,8 @@ class RequestStream:
         delta_text, self.pending_text = self.pending_text, ""
         finished = request.is_finished
         if finished and detok is not None:
-            delta_text += detok.flush()
+            delta_text += detok.flush(self.undecoded or ())
+            self.undecoded = None
             if detok.stop_string is not None and request.stop_reason is None:
                 # The held-back tail completed a stop string only at the end.
                 request.status = RequestStatus.FINISHED_STOPPED

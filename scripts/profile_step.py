@@ -22,13 +22,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import EngineConfig, SamplingParams  # noqa: E402
+from engine.config import OUTPUT_KINDS, EngineConfig, SamplingParams  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 
 
-def start_requests(core: EngineCore, batch: int, input_len: int, output_len: int) -> None:
+def start_requests(
+    core: EngineCore, batch: int, input_len: int, output_len: int, output_kind: str
+) -> None:
     generator = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=output_len, temperature=0.0, ignore_eos=True, output_kind=output_kind
+    )
     for _ in range(batch):
         prompt = torch.randint(0, core.vocab_size, (input_len,), generator=generator).tolist()
         core.add_request(prompt, params)
@@ -96,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--async-scheduling", action="store_true", help="overlap scheduling")
     parser.add_argument(
+        "--output-kind",
+        choices=OUTPUT_KINDS,
+        default="final",
+        help="final (as the benchmarks run): no per-step outputs; stream: an output (and its "
+        "detokenized text) for every request every step, as a server stream has",
+    )
+    parser.add_argument(
         "--enforce-eager",
         action="store_true",
         help="no CUDA graphs: torch.profiler sees each kernel (it sees none inside a graph)",
@@ -121,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     startup = time.perf_counter() - t0
     output_len = 3 * args.steps + 8
-    lines = [f"start-up {startup:.1f} s; batch {args.batch}, {args.steps} decode steps each"]
-    start_requests(core, args.batch, args.input_len, output_len)
+    lines = [
+        f"start-up {startup:.1f} s; batch {args.batch}, {args.steps} decode steps each, "
+        f"{args.output_kind} outputs"
+    ]
+    start_requests(core, args.batch, args.input_len, output_len, args.output_kind)
     timed_steps(core, 8)  # warm-up
     per_step = timed_steps(core, args.steps)
     lines.append(f"plain: {per_step * 1e3:.2f} ms per step")

@@ -201,6 +201,24 @@ def test_random_sequences_match_decode(
         assert run.det.stop_string is None
 
 
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "keep"])
+def test_flush_of_unpushed_tokens_equals_the_stream(
+    tok: PreTrainedTokenizerFast, skip: bool
+) -> None:
+    """A request that reports only its final output pushes nothing and hands all of its tokens
+    to `flush`: the same text as pushing them one by one, after a prompt or not."""
+    rng = random.Random(77)
+    params = SamplingParams(skip_special_tokens=skip)
+    for line in corpus(60, seed=5):
+        prompt = encode(tok, line) if rng.random() < 0.7 else []
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 50))]
+        streamed = check_run(stream(tok, ids, params, prompt=prompt))
+        det = IncrementalDetokenizer(tok, prompt, params)
+        assert det.flush(ids) == det.output_text == streamed
+        assert det.num_tokens == len(ids) and det.finished
+        assert det.flush([1, 2]) == ""  # finished: nothing more
+
+
 def test_real_text_never_streams_replacement_char(tok: PreTrainedTokenizerFast) -> None:
     for line in corpus(150, seed=7):
         ids = encode(tok, line)

@@ -141,7 +141,9 @@ class ServerContext:
     async def collect(
         self, raw: Request, subs: list[SubRequest], priority: int
     ) -> dict[int, RequestOutput]:
-        """Run every choice to the end; the final output of each, by choice index."""
+        """Run every choice to the end; the final output of each, by choice index (the engine
+        reports only that one)."""
+        subs = [sub.final_only() for sub in subs]
         streams = self._choice_streams(subs, priority, arrival_of(raw))
         self.admission.acquire(len(subs))
         try:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -28,12 +28,18 @@ T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SubRequest:
     index: int  # the choice index in the response
     prompt_token_ids: list[int]
     params: SamplingParams
     request_id: str
+
+    def final_only(self) -> SubRequest:
+        """The same choice, reported by the engine only when it finishes."""
+        return dataclasses.replace(
+            self, params=dataclasses.replace(self.params, output_kind="final")
+        )
 
 
 class StreamProgress:
