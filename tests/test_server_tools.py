@@ -19,8 +19,8 @@ from transformers import AutoTokenizer
 from engine import AsyncLLM
 from engine.server import BackgroundServer, ServerSettings, create_app
 from engine.server.protocol import ChatCompletionRequest
-from engine.server.tool_parsers import ParsedCall, make_parser
-from engine.server.tools import ToolStream, plan_tools
+from engine.server.tool_parsers import make_parser
+from engine.server.tools import plan_tools
 
 KEY = "tools-key"
 MODEL = "tiny"
@@ -92,7 +92,9 @@ def assert_valid(call) -> None:
 
 
 def collect_stream(stream) -> tuple[str, dict[int, dict], list[str | None]]:
-    """(content, tool calls by index with id, name and joined arguments, finish reasons)."""
+    """(content, tool calls by index with id, name, argument pieces and their join, finish
+    reasons), checking OpenAI's delta shape: a call's first delta alone has its id, type and
+    name, and calls come in index order."""
     content, calls, finishes = "", {}, []
     for chunk in stream:
         if not chunk.choices:
@@ -100,13 +102,17 @@ def collect_stream(stream) -> tuple[str, dict[int, dict], list[str | None]]:
         choice = chunk.choices[0]
         content += choice.delta.content or ""
         for delta in choice.delta.tool_calls or ():
-            call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
-            if delta.id:
-                call["id"] = delta.id
-            if delta.function and delta.function.name:
-                call["name"] = delta.function.name
-            if delta.function and delta.function.arguments:
-                call["arguments"] += delta.function.arguments
+            first = delta.index not in calls
+            assert delta.index == len(calls) - (not first)
+            assert (delta.id is not None, delta.type, delta.function.name is not None) == (
+                (True, "function", True) if first else (False, None, False)
+            )
+            call = calls.setdefault(
+                delta.index, {"id": delta.id, "name": delta.function.name, "pieces": []}
+            )
+            if delta.function.arguments:
+                call["pieces"].append(delta.function.arguments)
+            call["arguments"] = "".join(call["pieces"])
         finishes.append(choice.finish_reason)
     return content, calls, [f for f in finishes if f]
 
@@ -305,6 +311,37 @@ def test_auto_calls_are_parsed_streamed_and_not(client, http):
     wait_idle(http)
 
 
+def test_streamed_calls_send_their_arguments_as_they_are_written(client, http):
+    # Greedy, so the stream makes the same calls: its pieces join to the non-streamed arguments.
+    required = {"tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 300}
+    steer = (  # two hermes calls after some text
+        r'Let me check\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": '
+        r'"[a-z]{4,8}", "unit": "celsius"\}\}\n</tool_call>\n<tool_call>\n\{"name": "get_time", '
+        r'"arguments": \{"zone": "[A-Z]{3}"\}\}\n</tool_call>'
+    )
+    auto = {"max_tokens": 300, "extra_body": {"guided_regex": steer}}
+    for kwargs, text in ((required, None), (auto, "Let me check.")):
+        ask = {"model": MODEL, "messages": ASK, "tools": TOOLS, "temperature": 0, **kwargs}
+        out = client.chat.completions.create(**ask)
+        assert out.choices[0].finish_reason == "tool_calls"
+        assert out.choices[0].message.content == text
+        whole = out.choices[0].message.tool_calls
+        content, calls, finishes = collect_stream(
+            client.chat.completions.create(**ask, stream=True)
+        )
+        assert content == (text or "") and finishes == ["tool_calls"]
+        assert list(calls) == list(range(len(whole)))
+        for call, streamed in zip(whole, calls.values(), strict=True):
+            assert_valid(call)
+            assert streamed["name"] == call.function.name and streamed["id"].startswith("call_")
+            assert streamed["arguments"] == call.function.arguments
+            assert json.loads(streamed["arguments"]) == json.loads(call.function.arguments)
+            assert len(streamed["pieces"]) >= 3  # sent as generated, not whole at the end
+    assert [c["name"] for c in calls.values()] == ["get_weather", "get_time"]
+    assert calls[0]["id"] != calls[1]["id"]
+    wait_idle(http)
+
+
 def test_tools_and_tool_turns_reach_the_template(client, http):
     history = [
         *ASK,
@@ -415,31 +452,3 @@ def test_parsers(name, text, content, calls):
         return
     assert parsed.content == content
     assert [(c.name, json.loads(c.arguments)) for c in parsed.calls] == calls
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        'Let me see.\n\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n'
-        "</tool_call>",
-        "Just text, with a < and <tool but no call.  ",
-        "<tool_call>\n{broken\n</tool_call>",
-    ],
-)
-def test_a_stream_fed_piece_by_piece_says_what_the_whole_parse_says(text):
-    request = ChatCompletionRequest(messages=ASK, tools=TOOLS)
-    plan = plan_tools(request, make_parser("hermes"))
-    whole = plan.parse(text)
-    for step in (1, 3, 7):
-        stream = ToolStream(plan)
-        content, deltas = "", []
-        for i in range(0, len(text), step):
-            piece, calls = stream.feed(text[i : i + step])
-            content += piece or ""
-            deltas += calls
-        piece, calls = stream.finish()
-        content += piece or ""
-        deltas += calls
-        assert (content or None) == whole.content
-        got = [ParsedCall(d.function.name, d.function.arguments) for d in deltas]
-        assert got == whole.calls

@@ -9,19 +9,18 @@ content until a call begins and hold back text that may be the start of one.
 - mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`, or the v11 form
            `[TOOL_CALLS]name[ARGS]{...}` (one per marker)
 
-Text a parser cannot read as calls stays content: a malformed call is never half-reported.
+Each format is read by one `CallReader` (engine/server/tool_call_reader.py), fed the whole reply
+here and text deltas in a stream, so the streamed calls are the parsed ones. The arguments are
+the JSON text the model wrote, not re-serialized. Text a parser cannot read as calls stays
+content: a malformed call is never half-reported by `parse` (a stream may have sent the start of
+a call the reply then breaks off).
 """
 
 from __future__ import annotations
 
-import json
-import re
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-
-class ParsedCall(NamedTuple):
-    name: str
-    arguments: str  # JSON text of an object
+from engine.server.tool_call_reader import CallReader, ParsedCall, Steps, read_calls
 
 
 class Parsed(NamedTuple):
@@ -29,29 +28,24 @@ class Parsed(NamedTuple):
     calls: list[ParsedCall]
 
 
-def _call(obj: Any, argument_keys: tuple[str, ...] = ("arguments", "parameters")) -> ParsedCall:
-    """A {"name", "arguments"} object -> ParsedCall; ValueError when it is not one."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        raise ValueError("not a tool call")
-    arguments: Any = {}
-    for key in argument_keys:
-        if key in obj:
-            arguments = obj[key]
-            break
-    if isinstance(arguments, str):  # some models write the arguments as JSON text
-        arguments = json.loads(arguments)
-    if not isinstance(arguments, dict):
-        raise ValueError("tool call arguments must be an object")
-    return ParsedCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
-
-
 class ToolParser:
     name = ""
     start = ""  # the text that begins the tool-call part of a reply
     needs_special_tokens = False  # the markers are special tokens: detokenize with them
 
-    def parse(self, text: str) -> Parsed:
+    def read(self, reader: CallReader) -> Steps:
+        """The format of the tool-call part (from `call_start` on), in `CallReader`'s steps."""
         raise NotImplementedError
+
+    def reader(self) -> CallReader:
+        return CallReader(self.read)
+
+    def parse(self, text: str) -> Parsed:
+        at = self.call_start(text)
+        calls = None if at is None else read_calls(self.read, text[at:])
+        if calls is None:
+            return Parsed(text, [])
+        return Parsed(text[:at].rstrip() or None, calls)
 
     def call_start(self, text: str) -> int | None:
         """Where the tool-call part of `text` begins, if it does."""
@@ -71,18 +65,12 @@ class ToolParser:
 class HermesParser(ToolParser):
     name = "hermes"
     start = "<tool_call>"
-    _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
-    def parse(self, text: str) -> Parsed:
-        at = self.call_start(text)
-        if at is None:
-            return Parsed(text, [])
-        try:
-            calls = [_call(json.loads(body)) for body in self._CALL.findall(text[at:])]
-        except ValueError:  # json.JSONDecodeError is a ValueError
-            return Parsed(text, [])
-        content = text[:at].rstrip()
-        return Parsed(content or None, calls)
+    def read(self, reader: CallReader) -> Steps:
+        while (yield from reader.until(self.start, end_ok=True)) is not None:
+            yield from reader.call_object()
+            if (yield from reader.peek(end_ok=True)) is not None:  # the end tag may be cut off
+                yield from reader.literal("</tool_call>")
 
 
 class Llama3JsonParser(ToolParser):
@@ -101,21 +89,16 @@ class Llama3JsonParser(ToolParser):
         # Only the reply's start can open a call: until it is known, send nothing.
         return 0 if not stripped or self.start.startswith(stripped) else len(text.rstrip())
 
-    def parse(self, text: str) -> Parsed:
-        at = self.call_start(text)
-        if at is None:
-            return Parsed(text, [])
-        body = text[at:].removeprefix(self.start).strip()
-        decoder = json.JSONDecoder()
-        calls = []
-        try:
-            while body:
-                obj, end = decoder.raw_decode(body)
-                calls.append(_call(obj, ("parameters", "arguments")))
-                body = body[end:].strip().removeprefix(";").strip()
-        except ValueError:
-            return Parsed(text, [])
-        return Parsed(None, calls)
+    def read(self, reader: CallReader) -> Steps:
+        if reader.text.startswith(self.start):  # `call_start` saw all of it
+            yield from reader.literal(self.start)
+        while True:
+            yield from reader.call_object()
+            if (yield from reader.peek(end_ok=True)) is None:
+                return
+            yield from reader.literal(";")
+            if (yield from reader.peek(end_ok=True)) is None:
+                return
 
 
 class MistralParser(ToolParser):
@@ -123,29 +106,13 @@ class MistralParser(ToolParser):
     start = "[TOOL_CALLS]"
     needs_special_tokens = True
 
-    def parse(self, text: str) -> Parsed:
-        at = self.call_start(text)
-        if at is None:
-            return Parsed(text, [])
-        calls = []
-        try:
-            for part in text[at:].split(self.start)[1:]:
-                part = part.strip()
-                if part.startswith("["):  # a JSON list of calls
-                    obj, _ = json.JSONDecoder().raw_decode(part)
-                    if not isinstance(obj, list):
-                        raise ValueError("not a list of calls")
-                    calls.extend(_call(item) for item in obj)
-                else:  # name[ARGS]{...}
-                    name, sep, arguments = part.partition("[ARGS]")
-                    if not sep:
-                        raise ValueError("no [ARGS]")
-                    obj, _ = json.JSONDecoder().raw_decode(arguments.strip())
-                    calls.append(_call({"name": name.strip(), "arguments": obj}))
-        except ValueError:
-            return Parsed(text, [])
-        content = text[:at].rstrip()
-        return Parsed(content or None, calls)
+    def read(self, reader: CallReader) -> Steps:
+        while (yield from reader.until(self.start, end_ok=True)) is not None:
+            if (yield from reader.peek()) == "[":
+                yield from reader.call_list()
+            else:  # v11: name[ARGS]{...}
+                reader.start_call((yield from reader.until("[ARGS]")).strip())
+                yield from reader.arguments(send=True)
 
 
 PARSERS: dict[str, type[ToolParser]] = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.server.errors import bad_request
@@ -26,6 +26,7 @@ from engine.server.protocol import (
     FunctionCall,
     ToolCall,
 )
+from engine.server.tool_call_reader import CallPiece, CallReader, read_calls
 from engine.server.tool_parsers import Parsed, ParsedCall, ToolParser
 from engine.structured import StructuredSpec
 
@@ -59,12 +60,8 @@ class ToolPlan:
             # As streamed: the grammar already made it the arguments' JSON text.
             return Parsed(None, [ParsedCall(self.function or "", text)])
         if self.mode == "required":
-            try:
-                items = json.loads(text)
-                calls = [ParsedCall(i["name"], json.dumps(i["arguments"])) for i in items]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                return Parsed(text, [])
-            return Parsed(None, calls)
+            calls = read_calls(CallReader.call_list, text)
+            return Parsed(text, []) if calls is None else Parsed(None, calls)
         if self.mode == "auto" and self.parser is not None:
             parsed = self.parser.parse(text)
             return parsed if self.parallel else Parsed(parsed.content, parsed.calls[:1])
@@ -152,80 +149,87 @@ def tool_calls(calls: list[ParsedCall]) -> list[ToolCall]:
     ]
 
 
-def call_deltas(calls: list[ParsedCall], first_index: int = 0) -> list[DeltaToolCall]:
-    """Whole calls as OpenAI's stream deltas: each with its id, name and all its arguments."""
-    return [
-        DeltaToolCall(
-            index=first_index + i,
-            id=call_id(),
-            type="function",
-            function=DeltaFunctionCall(name=c.name, arguments=c.arguments),
-        )
-        for i, c in enumerate(calls)
-    ]
-
-
 @dataclass
 class ToolStream:
     """One choice's stream under a tool plan: text deltas in, (content delta, tool-call deltas)
-    out. A named call streams its arguments as they come; auto sends content until a call
-    starts, then the calls once the reply is complete; required sends its calls at the end."""
+    out. Content goes out until a call starts (text that may be a call's start is held back);
+    from there a `CallReader` sends each call's name, then its arguments as they are written.
+    A named call's reply is its arguments, sent as they come."""
 
     plan: ToolPlan
     text: str = ""
     sent: int = 0  # characters of `text` sent as content
-    in_calls: bool = False
+    reader: CallReader | None = None  # reading calls
+    plain: bool = False  # no calls in this reply: all of it is content
     named_started: bool = False
-    calls_sent: list[ParsedCall] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.plan.mode == "required":
+            self.reader = CallReader(CallReader.call_list)
+        self.plain = self.plan.mode == "none" or (
+            self.plan.mode == "auto" and self.plan.parser is None
+        )
 
     def feed(self, delta: str) -> tuple[str | None, list[DeltaToolCall]]:
         self.text += delta
-        mode = self.plan.mode
-        if mode == "named":
-            if not delta and self.named_started:
-                return None, []
-            start = not self.named_started
-            self.named_started = True
-            function = DeltaFunctionCall(
-                name=self.plan.function if start else None, arguments=delta
-            )
-            call = DeltaToolCall(
-                index=0,
-                id=call_id() if start else None,
-                type="function" if start else None,
-                function=function,
-            )
-            return None, [call]
-        if mode == "required" or self.in_calls:
-            return None, []
-        if mode != "auto" or self.plan.parser is None:
+        if self.plan.mode == "named":
+            return None, self._named(delta)
+        if self.reader is not None:
+            calls = self._deltas(self.reader.feed(delta))
+            if not (self.reader.failed and not self.reader.calls):
+                return None, calls
+            self.reader, self.plain = None, True  # not a call after all (and none was sent)
+        if self.plain:
             return self._content(len(self.text)), []
         parser = self.plan.parser
+        assert parser is not None
         at = parser.call_start(self.text)
         if at is not None and at >= self.sent:
-            self.in_calls = True
-            return self._content(len(self.text[:at].rstrip())), []
+            content = self._content(len(self.text[:at].rstrip()))
+            self.reader = parser.reader()
+            return content, self._deltas(self.reader.feed(self.text[at:]))
         return self._content(max(parser.safe_end(self.text), self.sent)), []
 
     def finish(self) -> tuple[str | None, list[DeltaToolCall]]:
         """At the end of the reply: what is left to send; `has_calls` says if it made calls."""
-        mode = self.plan.mode
-        if mode == "named":
-            parsed = self.plan.parse(self.text)
-            self.calls_sent = parsed.calls
+        if self.plan.mode == "named":
             return None, []
-        if mode in ("required", "auto"):
-            parsed = self.plan.parse(self.text)
-            if parsed.calls:
-                self.calls_sent = parsed.calls
-                return None, call_deltas(parsed.calls)
+        if self.reader is not None:
+            calls = self._deltas(self.reader.finish())
+            if self.reader.calls:
+                return None, calls
         return self._content(len(self.text)), []
 
     @property
     def has_calls(self) -> bool:
-        return bool(self.calls_sent)
+        """The reply made its calls whole (a stream cut short keeps the model's finish reason)."""
+        if self.plan.mode == "named":
+            return bool(self.plan.parse(self.text).calls)
+        return self.reader is not None and self.reader.valid
+
+    def _named(self, delta: str) -> list[DeltaToolCall]:
+        if not delta and self.named_started:
+            return []
+        start = not self.named_started
+        self.named_started = True
+        name = self.plan.function if start else None
+        return [_delta(CallPiece(0, name, delta))]
+
+    def _deltas(self, pieces: list[CallPiece]) -> list[DeltaToolCall]:
+        return [_delta(p) for p in pieces if self.plan.parallel or p.index == 0]
 
     def _content(self, end: int) -> str | None:
         piece = self.text[self.sent : end]
         self.sent = max(self.sent, end)
         return piece or None
+
+
+def _delta(piece: CallPiece) -> DeltaToolCall:
+    """OpenAI's stream delta: a call's first with its id, type and name."""
+    first = piece.name is not None
+    return DeltaToolCall(
+        index=piece.index,
+        id=call_id() if first else None,
+        type="function" if first else None,
+        function=DeltaFunctionCall(name=piece.name, arguments=piece.arguments),
+    )
