@@ -19,7 +19,8 @@ from panels.client import EngineHandle
 from panels.hardware import HardwareSample, HardwareSource, SystemHardware
 from panels.widgets import shown
 from panels.widgets.batch_view import BatchView
-from panels.widgets.block_map import OwnerColors
+from panels.widgets.block_map import BlockMap, OwnerColors
+from panels.widgets.dialogs import Confirm
 from panels.widgets.expert_load import ExpertLoadView
 from panels.widgets.hardware_view import HardwareView
 from panels.widgets.kv_view import KvView
@@ -45,14 +46,31 @@ What the engine and the machine are doing, sampled every half second or faster.
   the prompt and generation throughput.
 - **Experts** (MoE models only): a heat map of the tokens routed to each expert (columns) of
   each sparse layer (rows) since the last sample, from cold (a small share) to hot.
+- **↑ / ↓** select a request in the batch table (the selection stays on it as the table
+  refreshes, and goes when it leaves the batch); **x** aborts it, after a confirmation, as
+  nvitop kills a process: its reply ends there (a chat's shows "cancelled") and its KV blocks
+  are freed. Attached to a server (`--attach`), only the requests of this app's chats can be
+  aborted.
 - **p** pauses the display to look at a moment closely, and resumes it (no samples are taken
   while paused).
+- On a short terminal (below about 34 rows) the boxes lose their bottom borders, the KV box its
+  plot, the hardware box all but its first lines, and in one column (a narrow terminal) the expert
+  heat map goes, so that the block map and the batch table are on screen together; the rest of
+  the batch box is a scroll away (PgUp / PgDn).
 """
+
+SHORT_ROWS = 30  # a panel lower than this gets the short layout (the class "-short")
+SHORT_MAP_ROWS = 3  # the block map's rows in the short layout (it groups blocks to fit)
 
 
 class MonitorPanel(VerticalScroll):
     HELP: ClassVar[str] = HELP
-    BINDINGS = [Binding("p", "toggle_pause", "Pause", id="monitor.pause")]
+    BINDINGS = [
+        Binding("up", "select(-1)", "Previous request", id="monitor.previous", show=False),
+        Binding("down", "select(1)", "Next request", id="monitor.next", show=False),
+        Binding("x", "abort_request", "Abort request", id="monitor.abort"),
+        Binding("p", "toggle_pause", "Pause", id="monitor.pause"),
+    ]
 
     def __init__(
         self,
@@ -79,6 +97,7 @@ class MonitorPanel(VerticalScroll):
             yield BatchView(self.owner_colors, id="monitor-batch", classes="monitor-box")
 
     def on_mount(self) -> None:
+        self._block_map_rows = self.query_one(BlockMap).max_rows
         self._show_status()
         if self.interval:
             self.set_interval(self.interval, self.poll)
@@ -125,7 +144,11 @@ class MonitorPanel(VerticalScroll):
         if engine and state is not None:
             self.owner_colors.update([r.request_id for r in state.running])
             self.query_one(KvView).show(state, self.step_s)
-            self.query_one(ExpertLoadView).show(state)
+            experts = self.query_one(ExpertLoadView)
+            if self.has_class("-short") and self.screen.has_class("-narrow"):
+                experts.display = False  # it comes between the KV box and the batch table
+            else:
+                experts.show(state)
             self.query_one(BatchView).show(state, self.step_s)
         self._show_status()
 
@@ -146,6 +169,41 @@ class MonitorPanel(VerticalScroll):
         elif lost:
             status.update(f"[$error]{escape(lost)}[/] · the last state it sent is shown")
         status.display = self.paused or handle.status != "ready" or bool(lost)
+
+    def on_resize(self) -> None:
+        short = self.size.height < SHORT_ROWS
+        self.set_class(short, "-short")
+        self.query_one(BlockMap).max_rows = SHORT_MAP_ROWS if short else self._block_map_rows
+        if shown(self):
+            self.show(hardware=False)
+
+    def action_select(self, step: int) -> None:
+        self.query_one(BatchView).select(step)
+
+    def action_abort_request(self) -> None:
+        """Abort the selected request, once the user confirms it."""
+        request_id = self.query_one(BatchView).selected
+        client = self.handle.client
+        if request_id is None or client is None:
+            self.notify("Select a request first (↑ or ↓ in the batch table).", severity="warning")
+            return
+
+        def abort(confirmed: object) -> None:
+            if not confirmed:
+                return
+            if client.abort(request_id):
+                self.notify(f"Aborted {request_id}: its KV blocks are freed.", timeout=3)
+            elif self.handle.remote:
+                self.notify(
+                    f"{request_id} was not aborted: it has finished, or it is not a chat of this "
+                    "app (the server aborts only the requests whose client goes away).",
+                    severity="warning",
+                )
+            else:
+                self.notify(f"{request_id} was not aborted: it has finished.", severity="warning")
+
+        question = f"Abort request {request_id}? Its reply ends here and its KV blocks are freed."
+        self.app.push_screen(Confirm(question, yes="Abort"), abort)
 
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused

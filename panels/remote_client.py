@@ -4,7 +4,8 @@ monitors any Workbench server (`workbench serve`), local or remote, through the 
 
 - chat: a streamed POST /v1/chat/completions (usage included), read by a task per reply;
   `abort` cancels that task, which closes the connection, and the server aborts the request
-  and frees its KV blocks when it sees the client go.
+  and frees its KV blocks when it sees the client go. `abort` takes the chat's request id or
+  the server's (the Monitor shows the server's); requests of other clients cannot be aborted.
 - state: GET /v1/engine/state, polled by a daemon thread every `poll_interval` seconds and
   rebuilt with `EngineState.from_dict`; `state()` returns the latest one and never waits.
 - failures: `connect` raises `ServerUnavailable` with one line that says what is wrong (nothing
@@ -122,6 +123,7 @@ class RemoteEngineClient:
         }
         self.error: str | None = None  # why the server is not answering now
         self._streams: dict[str, tuple[asyncio.Task[None], asyncio.Queue[Any]]] = {}
+        self._sent_ids: dict[str, str] = {}  # the request_id sent -> the chat's, per stream
         self._stop = threading.Event()
         self._http = httpx.Client(base_url=url, headers=self._headers, timeout=CONNECT_TIMEOUT_S)
         self._poller = threading.Thread(
@@ -196,13 +198,21 @@ class RemoteEngineClient:
         return None  # the tokenizer is the server's; it refuses a prompt past its context
 
     def abort(self, request_id: str) -> bool:
-        stream = self._streams.get(request_id)
+        stream = self._streams.get(self._chat_id(request_id))
         if stream is None:
             return False
         task, queue = stream
         task.cancel()  # closes the connection: the server aborts the request
         queue.put_nowait(_ABORTED)
         return True
+
+    def _chat_id(self, request_id: str) -> str:
+        """The chat's request id for `request_id`: the chat's own, or the one the server's engine
+        runs it under (`chatcmpl-<the request_id sent>-<choice>`, engine/server/chat.py)."""
+        for sent, chat_id in self._sent_ids.items():
+            if request_id.startswith(f"chatcmpl-{sent}-"):
+                return chat_id
+        return request_id
 
     def close(self) -> None:
         self._stop.set()
@@ -236,6 +246,7 @@ class RemoteEngineClient:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         task = asyncio.create_task(self._read(body, queue))
         self._streams[request_id] = (task, queue)
+        self._sent_ids[body["request_id"]] = request_id
         reply = _Reply(request_id)
         try:
             while True:
@@ -261,6 +272,7 @@ class RemoteEngineClient:
         finally:
             task.cancel()
             self._streams.pop(request_id, None)
+            self._sent_ids.pop(body["request_id"], None)
 
     # -- the work behind it ---------------------------------------------------------------------
 

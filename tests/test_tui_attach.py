@@ -30,6 +30,7 @@ from panels.chat import ChatPanel
 from panels.client import ChatParams
 from panels.monitor import MonitorPanel
 from panels.remote_client import RemoteEngineClient, ServerUnavailable, base_url
+from panels.widgets.batch_view import BatchView
 from panels.widgets.hardware_view import HardwareView
 from workbench.app import WorkbenchApp
 from workbench.cli import main
@@ -194,6 +195,43 @@ def test_attached_app_chats_monitors_and_cancels(tmp_path: Path, store, server) 
             await pilot.press("f2")
             await pilot.press("escape")
             await wait_for(pilot, lambda: view._reply is None, what="the cancelled reply")
+            assert view.conv.turns[-1].status == "cancelled"
+            assert view.conv.turns[-1].stats["finish_reason"] == "abort"
+
+            def freed() -> bool:
+                state = server_state(server)
+                return not state["running"] and state["kv_blocks_used"] == 0
+
+            await wait_for(pilot, freed, what="the server to free the reply's blocks")
+        close_client(app)
+
+    run(main())
+
+
+def test_the_monitor_aborts_a_chat_of_this_app_on_the_server(tmp_path: Path, store, server) -> None:
+    app = attached_app(tmp_path, store, server.url, max_tokens=400, ignore_eos=True)
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: app.handle.status == "ready", what="attached")
+            view = app.query_one(ChatPanel).active
+            view.send("A long reply, to abort from the monitor")
+            await pilot.press("f3")
+            monitor = app.query_one(MonitorPanel)
+
+            def running() -> bool:
+                state = monitor.last_state
+                return state is not None and len(state.running) == 1
+
+            await wait_for(pilot, running, what="the reply running in the monitor")
+            await pilot.pause(0.3)  # the table shows it
+            await pilot.press("down")  # select it: the id the server's engine runs it under
+            selected = monitor.query_one(BatchView).selected
+            assert selected == monitor.last_state.running[0].request_id
+            assert selected.startswith(f"chatcmpl-{view.request_id}-")
+            assert not app.handle.client.abort("chatcmpl-another-client-0")  # not this app's
+            await pilot.press("x", "y")
+            await wait_for(pilot, lambda: view._reply is None, what="the aborted reply")
             assert view.conv.turns[-1].status == "cancelled"
             assert view.conv.turns[-1].stats["finish_reason"] == "abort"
 

@@ -145,6 +145,22 @@ def test_monitor_panel_no_gpu_narrow(snap_compare, tmp_path: Path, store, snapsh
     assert snap_compare(app, terminal_size=NARROW, run_before=run_before)
 
 
+def test_monitor_panel_gpu_narrow_selected(
+    snap_compare, tmp_path: Path, store, snapshot_client
+) -> None:
+    """80x24 with a GPU: the short layout keeps the block map and the batch table on screen, and
+    the selected request shows."""
+    app = make_app(tmp_path, store, snapshot_client, gpus=True)
+
+    async def run_before(pilot: Pilot) -> None:
+        await pilot.press("f3")
+        feed_monitor(pilot, gpus=True)
+        await pilot.press("down", "down")
+        await steady(pilot)
+
+    assert snap_compare(app, terminal_size=NARROW, run_before=run_before)
+
+
 def test_sessions_panel(snap_compare, tmp_path: Path, store, snapshot_client) -> None:
     seed_sessions(store)
     app = make_app(tmp_path, store, snapshot_client)

@@ -1,5 +1,9 @@
 """The batch: running, waiting and preempted requests, the last steps' composition, and the
-prompt and generation throughput over time."""
+prompt and generation throughput over time.
+
+The request table has a selection (`selected`, a request id) that the Monitor panel moves with
+↑/↓ and aborts: rows are keyed by request id, so it stays on its request while the table refreshes
+several times a second, and it is dropped when that request leaves the batch."""
 
 from __future__ import annotations
 
@@ -31,14 +35,17 @@ class BatchView(Vertical):
         self.prompt_tp = History()
         self.gen_tp = History()
         self._statics = QuietStatic()
-        self._rows: list[tuple[Text | str, ...]] = []
+        self._rows: list[tuple[Text | str, ...]] | None = None  # the rows shown; None: none yet
+        self._ids: list[str] = []  # the request id of each row, in order; [] when idle
+        self.selected: str | None = None  # the request the cursor is on; None: no cursor
 
     def compose(self) -> ComposeResult:
         yield Static("waiting for the engine…", classes="batch-summary")
         table: DataTable[str | Text] = DataTable(
-            classes="batch-requests", cursor_type="none", zebra_stripes=True
+            classes="batch-requests", cursor_type="row", show_cursor=False, zebra_stripes=True
         )
-        table.add_columns(*COLUMNS)
+        table.can_focus = False  # the panel keeps the focus and moves the selection
+        self._columns = table.add_columns(*COLUMNS)
         yield table
         yield Static("", classes="batch-last-step")
         yield StepBars(classes="batch-steps")
@@ -76,7 +83,20 @@ class BatchView(Vertical):
             {"prompt": self.prompt_tp.values, "generation": self.gen_tp.values}, interval
         )
 
+    def select(self, step: int) -> None:
+        """Move the selection `step` rows down (up if negative); with none yet, ↓ selects the
+        first request and ↑ the last."""
+        if not self._ids:
+            return
+        if self.selected in self._ids:
+            row = self._ids.index(self.selected) + step
+        else:
+            row = 0 if step > 0 else len(self._ids) - 1
+        self.selected = self._ids[max(0, min(row, len(self._ids) - 1))]
+        self._show_selection()
+
     def _table(self, requests: list[RequestState]) -> None:
+        ids = [r.request_id for r in requests]
         rows = [
             (
                 Text.assemble((f"{GLYPH_OWNED} ", self._color(r)), r.request_id),
@@ -87,13 +107,31 @@ class BatchView(Vertical):
                 f"{r.tokens_per_s:.1f}" if r.tokens_per_s else "–",
             )
             for r in requests
-        ] or [(Text("idle: no requests", style="dim"), "", "", "", "", "")]
-        if rows == self._rows:  # an idle engine: nothing to redo
-            return
-        self._rows = rows
+        ]
+        if ids == self._ids and rows == self._rows:
+            return  # an idle engine, or nothing new: nothing to redo
         table: DataTable[str | Text] = self.query_one(DataTable)
-        table.clear()
-        table.add_rows(rows)
+        if ids and ids == self._ids and self._rows:  # the same requests: only their numbers changed
+            for rid, old, new in zip(ids, self._rows, rows, strict=True):
+                for column, was, now in zip(self._columns, old, new, strict=True):
+                    if was != now:
+                        table.update_cell(rid, column, now, update_width=True)
+        else:
+            table.clear()
+            for rid, row in zip(ids, rows, strict=True):
+                table.add_row(*row, key=rid)
+            if not rows:
+                table.add_row(Text("idle: no requests", style="dim"), "", "", "", "", "")
+        self._ids, self._rows = ids, rows
+        if self.selected not in ids:
+            self.selected = None
+        self._show_selection()
+
+    def _show_selection(self) -> None:
+        table: DataTable[str | Text] = self.query_one(DataTable)
+        table.show_cursor = self.selected is not None
+        if self.selected is not None:
+            table.move_cursor(row=self._ids.index(self.selected))
 
     def _color(self, r: RequestState) -> str:
         return self.owner_colors.color(r.request_id) if r.state == "running" else "dim"

@@ -1,5 +1,6 @@
 """F1: help for the focused panel, with every key it answers to (as remapped by the keymap) and
-the binding ids a config file's [keymap] table uses."""
+the binding ids a config file's [keymap] table uses. Its own footer shows its own keys: the app's
+footer, under it, would show the panel's, which do nothing while the help is up."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Markdown, Static
+from textual.widgets import Footer, Markdown, Static
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class HelpScreen(ModalScreen[None]):
         with VerticalScroll(id="help-box"):
             yield Markdown(self._text, id="help-text")
         yield Static("[$text-muted]Esc, F1 or q closes this help[/]", id="help-hint")
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#help-box").border_title = "Help"
