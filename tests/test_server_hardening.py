@@ -313,6 +313,33 @@ def test_metrics_count_aborts_and_responses_by_status_class(server, http, client
     assert metric(after, aborted) == metric(before, aborted) + 1
 
 
+def test_any_request_can_be_aborted_by_its_engine_id(server, http):
+    """POST /v1/engine/abort stops another client's stream (it ends with finish_reason abort
+    and [DONE]) and frees its blocks; an unknown id is a 404 naming request_id."""
+    before = http.get("/metrics").text
+    stream = Stream(server.url, max_tokens=400)
+    stream.start()
+    (running,) = wait_running(http)["running"]
+    r = http.post("/v1/engine/abort", json={"request_id": running["request_id"]})
+    assert r.status_code == 200 and r.json() == {
+        "request_id": running["request_id"],
+        "aborted": True,
+    }
+    stream.join(timeout=30)
+    assert not stream.is_alive() and stream.events[-1] == "[DONE]"
+    last = json.loads(stream.events[-2])
+    assert last["choices"][0]["finish_reason"] == "abort"
+    generated = sum(len(json.loads(e)["choices"][0]["text"]) > 0 for e in stream.events[:-1])
+    assert generated < 400  # cut short
+    wait_idle(http)
+    aborted = "workbench_request_aborted_total"
+    assert metric(http.get("/metrics").text, aborted) == metric(before, aborted) + 1
+    error = post_error(
+        http, {"request_id": running["request_id"]}, path="/v1/engine/abort", status=404
+    )
+    assert error["param"] == "request_id" and error["code"] == "request_not_found"
+
+
 def test_ttft_is_measured_from_arrival_at_the_server():
     metrics = ServerMetrics(lambda: None, "m")  # type: ignore[arg-type, return-value]
     out = RequestOutput(

@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI-compatible routes, /health, /metrics, /v1/engine/state, OpenAPI.
+"""The FastAPI app: OpenAI-compatible routes, /health, /metrics, /v1/engine/state and
+/v1/engine/abort, OpenAPI.
 
     app = create_app(AsyncLLM(model), ServerSettings(model_name="tiny", api_key=None))
 
@@ -24,6 +25,8 @@ from engine.server.examples import SSE_EVENT, chat_examples, completion_examples
 from engine.server.metrics import CONTENT_TYPE
 from engine.server.middleware import OPEN_PATHS, BearerAuth, BodySizeLimit, RequestClock
 from engine.server.protocol import (
+    AbortRequest,
+    AbortResponse,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -106,6 +109,21 @@ def create_app(llm: AsyncLLM, settings: ServerSettings, shutdown_engine: bool = 
     @app.get("/v1/engine/state", response_model=EngineStateResponse, responses=ERROR_RESPONSES)
     async def engine_state() -> JSONResponse:
         return JSONResponse(llm.state().to_dict())
+
+    @app.post("/v1/engine/abort", response_model=AbortResponse, responses=ERROR_RESPONSES)
+    async def abort_request(body: AbortRequest) -> AbortResponse:
+        """Abort any running or waiting request by its engine id (the Monitor's abort key, over
+        --attach); its stream, whoever holds it, ends with finish_reason "abort"."""
+        check_encodable(body.request_id, "request_id")
+        if not llm.abort(body.request_id):
+            raise APIError(
+                404,
+                f"no running or waiting request {body.request_id!r}",
+                param="request_id",
+                code="request_not_found",
+            )
+        ctx.metrics.aborted_one()
+        return AbortResponse(request_id=body.request_id, aborted=True)
 
     @app.post(
         "/v1/completions",

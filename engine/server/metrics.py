@@ -160,7 +160,8 @@ class ServerMetrics:
         )
         self.aborted = Counter(
             PREFIX + "request_aborted",
-            "Engine requests aborted before they finished (client gone, server shutting down).",
+            "Engine requests aborted before they finished (client gone, server shutting down, "
+            "/v1/engine/abort).",
             **kw,
         )
         self.responses = Counter(

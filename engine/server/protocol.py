@@ -175,6 +175,12 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+class AbortRequest(_Request):
+    """POST /v1/engine/abort: stop a request now and free its KV blocks."""
+
+    request_id: str  # the engine's id, as /v1/engine/state lists it ("chatcmpl-...-0")
+
+
 # --- responses ---------------------------------------------------------------------------------
 
 
@@ -327,6 +333,11 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class AbortResponse(BaseModel):
+    request_id: str
+    aborted: bool  # always true: an unknown or finished request is a 404
 
 
 class ModelCard(BaseModel):
