@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import ClassVar
 
 from rich.text import Text
@@ -17,7 +18,7 @@ from panels.widgets import shown
 from panels.widgets.chat_settings import ChatSettings
 from panels.widgets.chat_view import ChatView
 from panels.widgets.message import MessageView
-from store import Store
+from store import NotFoundError, OpenChat, Store, StoreError
 
 HELP = """\
 ## Chat
@@ -31,6 +32,8 @@ to the session store as they arrive (a reply cut short by a crash shows as *inte
 - **Esc** cancels the streaming reply; the engine frees its KV blocks at once.
 - **Several chats** can reply at the same time (Ctrl+N opens one; Alt+←/→ or the list on the
   left switch): the Monitor panel shows them batched together.
+- **At the next launch** the chats open when you quit come back, in the same order, on the
+  branch they showed, the same one on screen (a chat with nothing sent yet does not).
 - **Regenerate** (Ctrl+R, or `r` on a focused reply) and **edit & resend** (↑ in an empty input,
   or `e` on a focused prompt) keep the old branch in the session.
 - Focus a message with Tab / Shift+Tab: `c` copies it, `k` copies a code block.
@@ -73,17 +76,27 @@ class ChatPanel(Horizontal):
         self.default_system_prompt = system_prompt
         self._numbers = 0  # the last chat number shown ("Chat 3")
         self._ids = 0  # widget ids: never reused, while a number is (see open_session)
+        self._remembered: list[OpenChat] = []  # the open chats as the store has them
+        self._not_reopened: list[str] = []  # saved chats that could not be reopened, and why
+        self._remember_failed = False
 
     def compose(self) -> ComposeResult:
         yield OptionList(id="chat-list")
-        first = self._new_view()
-        with ContentSwitcher(id="chats", initial=first.id):
-            yield first
-        yield ChatSettings(self.default_params, self.default_system_prompt, id="chat-settings")
+        views, active = self._reopen()
+        with ContentSwitcher(id="chats", initial=active.id):
+            yield from views
+        yield ChatSettings(active.conv.params, active.conv.system_prompt, id="chat-settings")
 
     def on_mount(self) -> None:
         self.query_one("#chat-list", OptionList).border_title = "Chats"
         self._refresh_list()
+        if self._not_reopened:
+            self.notify(
+                "\n".join(self._not_reopened),
+                title="Chats not reopened",
+                severity="warning",
+                timeout=10,
+            )
 
     def _new_view(self, conv: Conversation | None = None, number: int | None = None) -> ChatView:
         if number is None:
@@ -92,6 +105,58 @@ class ChatPanel(Horizontal):
         self._ids += 1
         conv = conv or Conversation(self.store, self.default_params, self.default_system_prompt)
         return ChatView(number, conv, self.handle, view_id=f"chat-{self._ids}")
+
+    # -- across launches -----------------------------------------------------------------------
+
+    def _reopen(self) -> tuple[list[ChatView], ChatView]:
+        """The chats open when the app last quit, in order and each on the branch it showed, and
+        the one on screen then (else the last); a new chat if there are none. One that cannot be
+        reopened (its session deleted meanwhile, a damaged database) is left out, and the reason
+        kept in `_not_reopened`."""
+        try:
+            self._remembered = self.store.open_chats()
+        except (StoreError, sqlite3.Error) as e:
+            self._not_reopened.append(f"The list of open chats could not be read ({e}).")
+        views: list[ChatView] = []
+        active: ChatView | None = None
+        for chat in self._remembered:
+            try:
+                conv = Conversation.resume(
+                    self.store, chat.session_id, self.default_params, chat.leaf_id
+                )
+            except NotFoundError:
+                self._not_reopened.append(f"Session #{chat.session_id} was deleted.")
+                continue
+            except (StoreError, sqlite3.Error) as e:
+                self._not_reopened.append(f"Session #{chat.session_id}: {e}")
+                continue
+            views.append(self._new_view(conv))
+            if chat.active:
+                active = views[-1]
+        if not views:
+            views.append(self._new_view())
+        return views, active or views[-1]
+
+    def _remember_open_chats(self) -> None:
+        """Save the chats that have a session, in order, each with the branch it shows, and which
+        one is on screen: what the next launch reopens (`_reopen`). Only what changed is written."""
+        if not self.app.is_running:  # quitting: the chats are being taken down, not closed
+            return
+        current = self.query_one(ContentSwitcher).current
+        chats = [
+            OpenChat(view.conv.session_id, view.conv.leaf_id, view.id == current)
+            for view in self.views
+            if view.conv.session_id is not None
+        ]
+        if chats == self._remembered:
+            return
+        self._remembered = chats
+        try:
+            self.store.save_open_chats(chats)
+        except (StoreError, sqlite3.Error) as e:
+            if not self._remember_failed:  # said once: it is retried at the next change
+                self._remember_failed = True
+                self.notify(f"The open chats could not be saved ({e}).", severity="warning")
 
     # -- which chat ----------------------------------------------------------------------------
 
@@ -176,6 +241,7 @@ class ChatPanel(Horizontal):
         for view in views:
             view.chats_open = len(views)
             view.refresh_header()
+        self._remember_open_chats()  # every change of the chats shown comes through here
 
     # -- events --------------------------------------------------------------------------------
 

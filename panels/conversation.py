@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from panels.client import ChatChunk, ChatMessage, ChatParams
-from store import Store
+from store import NotFoundError, Store
 
 TurnStatus = Literal["complete", "streaming", "cancelled", "error", "interrupted"]
 TITLE_CHARS = 48
@@ -68,8 +68,11 @@ class Conversation:
         self._last_save: dict[int, float] = {}
 
     @classmethod
-    def resume(cls, store: Store, session_id: int, default: ChatParams) -> Conversation:
-        """A saved session's current branch; a reply left 'streaming' by a crash is interrupted."""
+    def resume(
+        cls, store: Store, session_id: int, default: ChatParams, leaf_id: int | None = None
+    ) -> Conversation:
+        """A saved session's branch ending at `leaf_id` (default, or if that message is gone: its
+        latest); a reply left 'streaming' by a crash is interrupted. NotFoundError: no session."""
         session = store.get_session(session_id)
         try:
             params = ChatParams.from_dict(session.sampling, default)
@@ -80,12 +83,21 @@ class Conversation:
         conv.title = session.title
         conv._session_system_prompt = session.system_prompt or ""
         conv._engine = (session.model, session.engine_config)
-        for m in store.messages(session_id):
+        try:
+            messages = store.messages(session_id, leaf_id)
+        except NotFoundError:
+            messages = store.messages(session_id)
+        for m in messages:
             if m.role not in ("user", "assistant"):
                 continue
             status: TurnStatus = "interrupted" if m.status == "streaming" else m.status
             conv.turns.append(Turn(m.role, m.content, m.id, status, dict(m.stats)))
         return conv
+
+    @property
+    def leaf_id(self) -> int | None:
+        """The message the branch on screen ends with: resume() takes it to show that branch."""
+        return self.turns[-1].message_id if self.turns else None
 
     # -- what the engine sees ------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The Sessions panel: every saved chat; full-text search; open and resume, rename, delete,
-export to Markdown and JSON. Store reads and exports run in worker threads."""
+export to Markdown and JSON; a preview that browses a session's branches. Store reads and exports
+run in worker threads."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.markup import escape
 from textual.message import Message
-from textual.widgets import DataTable, Input, Markdown, Static
+from textual.widgets import DataTable, Input, Static
+from textual.worker import get_current_worker
 
 from panels.widgets.dialogs import Confirm, TextPrompt
+from panels.widgets.session_preview import PreviewMessage, SessionPreview, load_preview
 from panels.widgets.table_cursor import cursor_row_key
 from store import SearchHit, SessionSummary, Store, StoreError
+from store.sessions import BranchShape
 
 HELP = """\
 ## Sessions
@@ -31,12 +35,16 @@ each reply's stats. A reply that was streaming when the app stopped shows as *in
 - Type in the search box and press **Enter** to search every message (full text; `"exact
   phrase"` works); **Esc** in the box goes back to the list.
 - **Enter** or **o** on a session opens it in the Chat panel, where you can continue it.
+- The preview shows the session's latest branch, or the one a search hit is on, scrolled to the
+  hit. A message with alternatives (edited or regenerated) shows `‹ 2/3 ›`: focus it (**Tab** or
+  a click) and press **[** / **]** (or **←** / **→**) to see another branch. The list counts the
+  messages of one branch, and says how many branches there are.
 - **r** renames, **d** deletes (after asking), **m** / **j** export the session to Markdown
   (its current branch) or JSON (every branch) under the data directory's `exports/`.
 """
 
 LIST_LIMIT = 500
-PREVIEW_CHARS = 20_000
+MARK_OPEN, MARK_CLOSE = "\x01", "\x02"  # around the matched words of a search snippet
 
 
 def _when(iso: str) -> str:
@@ -81,22 +89,26 @@ class SessionsPanel(Vertical):
         self.query_text = ""
         self.busy_sessions: set[int] = set()  # streaming now: not deletable (the app sets it)
         self._titles: dict[int, str] = {}
+        self._matches: dict[str, tuple[str, ...]] = {}  # search row key -> the words it matched
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="Search all messages (Enter) · / focuses here", id="session-search")
         yield Static("", id="session-info")
         with Horizontal(id="sessions-body"):
             yield DataTable(id="session-table", cursor_type="row", zebra_stripes=True)
-            with VerticalScroll(id="session-preview"):
-                yield Markdown("", id="session-preview-text")
+            yield SessionPreview(id="session-preview")
 
     def on_mount(self) -> None:
-        self.query_one("#session-preview").border_title = "Preview"
+        self.preview.border_title = "Preview"
         self.reload()
 
     @property
     def table(self) -> DataTable[str | Text]:
         return self.query_one("#session-table", DataTable)
+
+    @property
+    def preview(self) -> SessionPreview:
+        return self.query_one(SessionPreview)
 
     def focus_default(self) -> None:
         self.table.focus()
@@ -107,18 +119,20 @@ class SessionsPanel(Vertical):
     def reload(self) -> None:
         """Reread the list (or the search results) from the store."""
         query = self.query_text
+        shapes: dict[int, BranchShape] = {}
         try:
             if query:
                 rows: list[SessionSummary] | list[SearchHit] = self.store.search(
-                    query, limit=LIST_LIMIT, highlight=("\x01", "\x02")
+                    query, limit=LIST_LIMIT, highlight=(MARK_OPEN, MARK_CLOSE)
                 )
             else:
                 rows = self.store.list_sessions(limit=LIST_LIMIT)
+                shapes = self.store.branch_shapes([s.id for s in rows])
             total = self.store.count_sessions()
         except StoreError as e:
             self.app.call_from_thread(self._show_failure, str(e))
             return
-        self.app.call_from_thread(self._show_rows, query, rows, total)
+        self.app.call_from_thread(self._show_rows, query, rows, total, shapes)
 
     def _show_failure(self, error: str) -> None:
         """The list could not be read: say why where the list would be, not only in a toast."""
@@ -126,27 +140,34 @@ class SessionsPanel(Vertical):
         self.query_one("#session-info", Static).update(
             f"[$error]Cannot list sessions: {escape(error)}[/]"
         )
-        self.query_one("#session-preview-text", Markdown).update("")
+        self.preview.show(None)
         self.notify(error, title="Cannot list sessions", severity="error")
 
     def _show_rows(
-        self, query: str, rows: list[SessionSummary] | list[SearchHit], total: int
+        self,
+        query: str,
+        rows: list[SessionSummary] | list[SearchHit],
+        total: int,
+        shapes: dict[int, BranchShape],
     ) -> None:
         table = self.table
         keep = self.selected_session()
         table.clear(columns=True)
         info = self.query_one("#session-info", Static)
+        self._matches.clear()
         if query:
             table.add_columns("#", "session", "role", "match")
             for hit in rows:
                 assert isinstance(hit, SearchHit)
                 self._titles[hit.session_id] = hit.session_title
+                key = f"{hit.session_id}:{hit.message_id}"
+                self._matches[key] = _matched_words(hit.snippet)
                 table.add_row(
                     str(hit.session_id),
                     hit.session_title,
                     hit.role,
                     _snippet(hit.snippet),
-                    key=f"{hit.session_id}:{hit.message_id}",
+                    key=key,
                 )
             info.update(
                 f"{_count(len(rows), 'matching message')} for “{query}” · Esc in the box: "
@@ -161,7 +182,7 @@ class SessionsPanel(Vertical):
                     str(s.id),
                     s.title,
                     s.model.rstrip("/").rsplit("/", 1)[-1],
-                    str(s.message_count),
+                    _message_count(shapes.get(s.id, BranchShape(0, 0))),
                     _when(s.last_activity),
                     key=str(s.id),
                 )
@@ -174,35 +195,61 @@ class SessionsPanel(Vertical):
                 else "No sessions yet: every chat is saved here as it streams."
             )
         if not rows:
-            self.query_one("#session-preview-text", Markdown).update("")
+            self.preview.show(None)
             return
         if keep is not None:
             for i, row_key in enumerate(table.rows):
                 if str(row_key.value).split(":")[0] == str(keep):
                     table.move_cursor(row=i)
                     break
-        selected = self.selected_session()
-        if selected is not None:  # the cursor may not have moved: no RowHighlighted then
-            self._preview(selected)
+        self._preview_selected()  # the cursor may not have moved: no RowHighlighted then
 
     def selected_session(self) -> int | None:
         key = cursor_row_key(self.table)
         return int(key.split(":")[0]) if key else None
 
+    def _selected_hit(self) -> tuple[int | None, tuple[str, ...]]:
+        """The message the highlighted search result matched and the words it matched (None and
+        nothing when listing sessions)."""
+        key = cursor_row_key(self.table)
+        if not key or ":" not in key:
+            return None, ()
+        return int(key.split(":")[1]), self._matches.get(key, ())
+
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._preview_selected()
+
+    def _preview_selected(self) -> None:
+        """The selected session's latest branch, or the branch of the selected search hit."""
         session_id = self.selected_session()
         if session_id is not None:
-            self._preview(session_id)
+            hit, marks = self._selected_hit()
+            self._preview(session_id, hit, hit, marks)
+
+    def on_preview_message_switch_requested(self, event: PreviewMessage.SwitchRequested) -> None:
+        event.stop()
+        session_id = self.selected_session()
+        if session_id is not None:
+            hit, marks = self._selected_hit()
+            self._preview(session_id, event.message_id, hit, marks, take_focus=True)
 
     @work(thread=True, exclusive=True, group="sessions-preview", exit_on_error=False)
-    def _preview(self, session_id: int) -> None:
+    def _preview(
+        self,
+        session_id: int,
+        through: int | None,
+        hit: int | None,
+        marks: tuple[str, ...],
+        take_focus: bool = False,
+    ) -> None:
+        """Show the session's branch through message `through` (None: its latest branch), with
+        the search `hit` (if it is on that branch) marked."""
         try:
-            text = self.store.export_markdown(session_id)
+            data = load_preview(self.store, session_id, through, hit, marks)
         except StoreError:
             return
-        if len(text) > PREVIEW_CHARS:
-            text = text[:PREVIEW_CHARS] + "\n\n*… (open the session to read it all)*"
-        self.app.call_from_thread(self.query_one("#session-preview-text", Markdown).update, text)
+        if not get_current_worker().is_cancelled:
+            self.app.call_from_thread(self.preview.show, data, take_focus)
 
     # -- search --------------------------------------------------------------------------------
 
@@ -302,9 +349,21 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def _message_count(shape: BranchShape) -> str:
+    """The messages of one branch, and how many branches there are if more than one."""
+    if shape.branches <= 1:
+        return str(shape.messages)
+    return f"{shape.messages} ({shape.branches} branches)"
+
+
+def _matched_words(snippet: str) -> tuple[str, ...]:
+    """The words an FTS snippet marks as matched, as they are written in the message."""
+    return tuple(re.findall(f"{MARK_OPEN}(.*?){MARK_CLOSE}", snippet, flags=re.DOTALL))
+
+
 def _snippet(snippet: str) -> Text:
     """FTS snippet with \\x01 ... \\x02 around matches -> highlighted Text, one line."""
     text = Text()
-    for i, part in enumerate(re.split(r"[\x01\x02]", snippet.replace("\n", " "))):
+    for i, part in enumerate(re.split(f"[{MARK_OPEN}{MARK_CLOSE}]", snippet.replace("\n", " "))):
         text.append(part, style="bold reverse" if i % 2 else "")
     return text

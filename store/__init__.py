@@ -6,7 +6,7 @@ one Store is shared by the whole app, threads included.
 
 from .db import MIGRATIONS, Store, default_data_dir, default_db_path, open_store
 from .errors import NotFoundError, StoreError
-from .models import BenchRun, Build, Message, SearchHit, Session, SessionSummary
+from .models import BenchRun, Build, Message, OpenChat, SearchHit, Session, SessionSummary
 
 __all__ = [
     "MIGRATIONS",
@@ -14,6 +14,7 @@ __all__ = [
     "Build",
     "Message",
     "NotFoundError",
+    "OpenChat",
     "SearchHit",
     "Session",
     "SessionSummary",

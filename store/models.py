@@ -104,6 +104,16 @@ class Message:
 
 
 @dataclass(frozen=True)
+class OpenChat:
+    """A chat the TUI has open as a tab: its session, the message its shown branch ends with
+    (None: the session has none yet), and whether it is the tab on screen."""
+
+    session_id: int
+    leaf_id: int | None
+    active: bool = False
+
+
+@dataclass(frozen=True)
 class SearchHit:
     """A message that matched a full-text search, with where it lives and a highlighted excerpt."""
 

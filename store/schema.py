@@ -114,4 +114,15 @@ def _v2_build_progress(db: Database) -> None:
     builds.add_column("pid", int)
 
 
-MIGRATIONS: list[Migration] = [_v1_initial, _v2_build_progress]
+def _v3_open_chats(db: Database) -> None:
+    """The chats the TUI has open, to reopen them at the next launch: in tab order (`position`),
+    each at the message its shown branch ends with, one of them `active` (1). Plain ids, no
+    foreign keys: a session deleted meanwhile stays listed, so the launch can say it is gone."""
+    db.table("open_chats").create(
+        {"position": int, "session_id": int, "leaf_id": int, "active": int},
+        pk="position",
+        not_null=["session_id", "active"],
+    )
+
+
+MIGRATIONS: list[Migration] = [_v1_initial, _v2_build_progress, _v3_open_chats]

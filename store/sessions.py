@@ -7,8 +7,9 @@ latest leaf below X" is simply the largest id among X's descendants.
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from typing import Any
+from typing import Any, NamedTuple
 
 from .base import StoreBase, dumps, locked, utc_now
 from .errors import NotFoundError
@@ -18,6 +19,7 @@ from .models import (
     ROLES,
     Message,
     MessageStatus,
+    OpenChat,
     Role,
     SearchHit,
     Session,
@@ -45,6 +47,26 @@ WITH RECURSIVE below(id) AS (
 SELECT max(id) FROM below
 """
 
+# Per session: the length of the current branch (root -> latest leaf) and how many leaves it has.
+_BRANCH_SHAPES_SQL = """
+WITH RECURSIVE path(session_id, id) AS (
+    SELECT session_id, max(id) FROM messages
+    WHERE session_id IN (SELECT value FROM json_each(:sessions)) GROUP BY session_id
+    UNION ALL
+    SELECT p.session_id, m.parent_id FROM messages AS m JOIN path AS p ON m.id = p.id
+    WHERE m.parent_id IS NOT NULL
+),
+leaves(session_id, n) AS (
+    SELECT session_id, count(*) FROM messages AS m
+    WHERE session_id IN (SELECT value FROM json_each(:sessions))
+      AND NOT EXISTS (SELECT 1 FROM messages AS c WHERE c.parent_id = m.id)
+    GROUP BY session_id
+)
+SELECT path.session_id, count(*) AS messages, leaves.n AS branches
+FROM path JOIN leaves ON leaves.session_id = path.session_id
+GROUP BY path.session_id
+"""
+
 # sqlite-utils' Table.search() cannot return FTS5 snippet(), so the query is ours; the escaping
 # of user text is sqlite-utils' Database.quote_fts().
 _SEARCH_SQL = """
@@ -62,6 +84,14 @@ LIMIT :limit
 def _strict_fts_query(text: str) -> str:
     """Every whitespace-separated term as an FTS5 string, quotes doubled: always valid syntax."""
     return " ".join('"' + term.replace('"', '""') + '"' for term in text.split())
+
+
+class BranchShape(NamedTuple):
+    """A session's message tree in two numbers: messages on its current branch, and branches
+    (leaves). Edits and regenerations add branches, not length."""
+
+    messages: int
+    branches: int
 
 
 class SessionsMixin(StoreBase):
@@ -266,6 +296,31 @@ class SessionsMixin(StoreBase):
             "session_id = ? AND parent_id IS ?", [me["session_id"], me["parent_id"]], order_by="id"
         )
         return [Message.from_row(row) for row in rows]
+
+    @locked
+    def branch_shapes(self, session_ids: list[int]) -> dict[int, BranchShape]:
+        """Each session's BranchShape (sessions with no messages are left out), in one query."""
+        rows = self.db.execute(_BRANCH_SHAPES_SQL, {"sessions": json.dumps(session_ids)})
+        return {sid: BranchShape(messages, branches) for sid, messages, branches in rows}
+
+    # -- the chats open in the TUI -----------------------------------------------------------
+
+    @locked
+    def open_chats(self) -> list[OpenChat]:
+        """The chats the TUI last had open, in tab order (as save_open_chats() left them)."""
+        rows = self.table("open_chats").rows_where(order_by="position")
+        return [OpenChat(r["session_id"], r["leaf_id"], bool(r["active"])) for r in rows]
+
+    @locked
+    def save_open_chats(self, chats: list[OpenChat]) -> None:
+        """Replace the list of open chats with ``chats`` (in tab order), in one transaction."""
+        rows = [
+            {"position": i, "session_id": c.session_id, "leaf_id": c.leaf_id, "active": c.active}
+            for i, c in enumerate(chats)
+        ]
+        with self.db.atomic():
+            self.db.execute("DELETE FROM open_chats")
+            self.table("open_chats").insert_all(rows)
 
     # -- search and export -------------------------------------------------------------------
 

@@ -323,6 +323,21 @@ def test_editing_a_message_branches(st: Store) -> None:
         st.add_message(sid, "robot", "x")  # type: ignore[arg-type]
 
 
+def test_branch_shapes_count_one_branch_and_the_leaves(st: Store) -> None:
+    sid = chat(st)
+    u1 = st.add_message(sid, "user", "What is 2+2?")
+    a1 = st.add_message(sid, "assistant", "4", parent_id=u1)
+    u2 = st.add_message(sid, "user", "And 3+3?", parent_id=a1)
+    st.add_message(sid, "assistant", "6", parent_id=u2)
+    st.add_message(sid, "assistant", "Four.", parent_id=u1)  # regenerated: the latest branch
+    one = chat(st, "one branch")
+    st.add_message(one, "user", "hi")
+    empty = chat(st, "empty")
+    shapes = st.branch_shapes([sid, one, empty])
+    assert shapes == {sid: (2, 2), one: (1, 1)}  # 5 messages, but 2 on the latest branch
+    assert st.branch_shapes([one]) == {one: (1, 1)} and st.branch_shapes([]) == {}
+
+
 def test_list_sessions_newest_activity_first(st: Store) -> None:
     s1 = chat(st, "one")
     s2 = chat(st, "two")
