@@ -174,6 +174,20 @@ def test_sessions_panel(snap_compare, tmp_path: Path, store, snapshot_client) ->
     assert snap_compare(app, terminal_size=WIDE, run_before=run_before)
 
 
+def test_sessions_panel_narrow(snap_compare, tmp_path: Path, store, snapshot_client) -> None:
+    """80x24: the list above the preview, which opens on the conversation."""
+    seed_sessions(store)
+    app = make_app(tmp_path, store, snapshot_client)
+
+    async def run_before(pilot: Pilot) -> None:
+        await pilot.press("f4")
+        await steady(pilot)
+        await pilot.press("down")
+        await steady(pilot)
+
+    assert snap_compare(app, terminal_size=NARROW, run_before=run_before)
+
+
 def build_app(tmp_path: Path, store, client) -> WorkbenchApp:
     """Four recorded builds (failed, complete, running, complete) and a fixed data dir, so the
     default output directory is the same on every machine."""
