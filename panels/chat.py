@@ -38,7 +38,10 @@ to the session store as they arrive (a reply cut short by a crash shows as *inte
   or `e` on a focused prompt) keep the old branch in the session.
 - Focus a message with Tab / Shift+Tab: `c` copies it, `k` copies a code block.
 - **Settings** (Ctrl+O): system prompt, temperature, top-p, top-k, max tokens and seed, per chat,
-  applied from the next reply and saved with the session.
+  applied from the next reply and saved with the session; also **Tools** (OpenAI `tools` JSON)
+  and the tool choice (auto, none, required).
+- **Tool calls** show as blocks in the reply (the function and its arguments, as they stream);
+  `t` on a focused reply gives a call's result, and once every call has one the model answers.
 - **Context**: the line under the prompt counts the chat's prompt tokens against the model's
   context. With *Drop oldest turns* on (the default) a long chat leaves its oldest turns out of
   the prompt (the system prompt stays) so that it goes on; off, a message that cannot fit is

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -24,7 +25,12 @@ if TYPE_CHECKING:
 BLOCK_FREE = -1
 BLOCK_CACHED = -2
 
-ChatMessage = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": ...}
+# {"role": "user" | "assistant" | "system" | "tool", "content": ...}, as OpenAI's API has it: an
+# assistant turn that called tools has "tool_calls", a tool turn the "tool_call_id" it answers.
+ChatMessage = dict[str, Any]
+ToolCall = dict[str, str]  # {"id": ..., "name": ..., "arguments": JSON text as the model wrote it}
+TOOL_CHOICES = ("auto", "none", "required")
+LOCAL_TOOL_PARSER = "hermes"  # the bundled model's template writes hermes tool calls
 EngineStatus = Literal["loading", "ready", "failed"]
 
 
@@ -39,6 +45,9 @@ class ChatParams:
     seed: int | None = None  # None: a fresh random stream per reply
     ignore_eos: bool = False  # config file only: keep generating to max_tokens (load tests)
     drop_oldest: bool = True  # leave the oldest turns out of a prompt past the context
+    tools: str = ""  # OpenAI's `tools` list as JSON text ("": no tools), see parse_tools
+    tool_choice: str = "auto"  # auto | none | required (with tools)
+    parallel_tool_calls: bool = True  # False: a reply makes one call at most
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -51,6 +60,14 @@ class ChatParams:
             raise ValueError(f"max tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be >= 0 or empty, got {self.seed}")
+        if self.tool_choice not in TOOL_CHOICES:
+            raise ValueError(f"tool choice must be one of {', '.join(TOOL_CHOICES)}")
+
+    @property
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        """The tools as the API takes them; None without tools. ValueError for bad tools (kept
+        as typed, so that the settings show why and a chat sends nothing until they are fixed)."""
+        return parse_tools(self.tools)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,6 +91,8 @@ class ChatParams:
             parts.append(f"seed {self.seed}")
         if self.ignore_eos:
             parts.append("ignore EOS")
+        if self.tools.strip():
+            parts.append(f"tools: {self.tool_choice}")
         return " · ".join(parts)
 
 
@@ -92,6 +111,49 @@ class ChatChunk:
     ttft_s: float | None = None
     tokens_per_s: float | None = None  # decode rate after the first token
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    tool_calls: tuple[ToolCall, ...] = ()  # the reply's tool calls so far (the last may grow)
+
+
+def parse_tools(text: str) -> list[dict[str, Any]] | None:
+    """OpenAI's `tools` JSON text -> the list (None for empty text); ValueError says what is
+    wrong: not JSON, not a list of {"type": "function", "function": {"name", "parameters"}}."""
+    if not text.strip():
+        return None
+    try:
+        tools = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tools: not JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    if not isinstance(tools, list) or not tools:
+        raise ValueError("tools: must be a non-empty JSON list of functions")
+    names = set()
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise ValueError(f'tools[{i}]: must be {{"type": "function", "function": {{...}}}}')
+        if not isinstance(function, dict):
+            raise ValueError(f'tools[{i}]: "function" must be an object')
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f'tools[{i}]: the function needs a "name" (a string)')
+        if not isinstance(function.get("parameters"), dict):
+            raise ValueError(f'tools[{i}] ({name}): "parameters" must be a JSON schema object')
+        if name in names:
+            raise ValueError(f"tools[{i}]: the name {name!r} is used twice")
+        names.add(name)
+    return tools
+
+
+def add_tool_call_delta(
+    calls: list[ToolCall], index: int, call_id: str | None, name: str | None, arguments: str
+) -> None:
+    """Grow `calls` by one streamed tool-call delta (OpenAI's: the first piece of a call has
+    its id and name, the next ones more of its arguments' text)."""
+    while len(calls) <= index:
+        calls.append({"id": "", "name": "", "arguments": ""})
+    call = calls[index]
+    call["id"] = call_id or call["id"]
+    call["name"] = name or call["name"]
+    call["arguments"] += arguments
 
 
 class EngineClient(Protocol):
@@ -113,8 +175,11 @@ class EngineClient(Protocol):
         """The context in tokens (prompt + reply); None if the engine does not say."""
         ...
 
-    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int | None:
-        """How many tokens `messages` take through the chat template; None if unknown here."""
+    def count_prompt_tokens(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> int | None:
+        """How many tokens `messages` (and `tools`) take through the chat template; None if
+        unknown here."""
         ...
 
     def chat(
@@ -133,6 +198,28 @@ class EngineClient(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates take them (transformers' convention, as the server renders
+    them): a tool call's arguments as a dict."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [
+                {**c, "function": {**c["function"], "arguments": _arguments(c)}}
+                for c in m["tool_calls"]
+            ]
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
+
+
+def _arguments(call: dict[str, Any]) -> Any:
+    try:
+        return json.loads(call["function"]["arguments"])
+    except json.JSONDecodeError:  # a reply cut short: the template writes the text as it is
+        return call["function"]["arguments"]
 
 
 def _chunk(out: RequestOutput) -> ChatChunk:
@@ -198,11 +285,14 @@ class LocalEngineClient:
     def max_model_len(self) -> int:
         return self._llm.engine.max_model_len
 
-    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int | None:
+    def count_prompt_tokens(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> int | None:
         from engine.llm import render_chat
 
+        with_tools = {"tools": tools} if tools else {}
         try:
-            return len(render_chat(self._tokenizer, messages))
+            return len(render_chat(self._tokenizer, template_messages(messages), **with_tools))
         except ValueError:  # no chat template: the engine says so when the reply starts
             return None
 
@@ -219,8 +309,66 @@ class LocalEngineClient:
             seed=params.seed,
             ignore_eos=params.ignore_eos,
         )
-        async for out in self._llm.chat(messages, sampling, request_id=request_id):
-            yield _chunk(out)
+        if params.tool_list is None:
+            async for out in self._llm.chat(
+                template_messages(messages), sampling, request_id=request_id
+            ):
+                yield _chunk(out)
+            return
+        async for chunk in self._chat_with_tools(messages, params, sampling, request_id):
+            yield chunk
+
+    async def _chat_with_tools(
+        self, messages: list[ChatMessage], params: ChatParams, sampling: Any, request_id: str
+    ) -> AsyncIterator[ChatChunk]:
+        """As the server does it (engine/server/tools.py): the tools go to the chat template,
+        `required` constrains the reply with its grammar, and a `ToolStream` (the hermes parser,
+        the bundled model's format) reads the calls out of the reply as it streams."""
+        from engine.llm import render_chat
+        from engine.server.errors import APIError
+        from engine.server.protocol import ChatCompletionRequest
+        from engine.server.tool_parsers import make_parser
+        from engine.server.tools import ToolStream, plan_tools
+
+        try:
+            request = ChatCompletionRequest(
+                messages=messages,
+                tools=params.tool_list,
+                tool_choice=params.tool_choice,
+                parallel_tool_calls=params.parallel_tool_calls,
+            )
+            plan = plan_tools(request, make_parser(LOCAL_TOOL_PARSER))
+        except (APIError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+            raise ValueError(f"tools: {e}") from None
+        prompt = render_chat(
+            self._tokenizer, template_messages(messages), tools=plan.template_tools
+        )
+        if plan.spec is not None:  # off the event loop, as the server does (then it is cached)
+            await asyncio.to_thread(self._llm.engine.grammars.compile, plan.spec)
+        special = plan.parser is not None and plan.parser.needs_special_tokens
+        sampling = dataclasses.replace(
+            sampling, structured=plan.spec, skip_special_tokens=not special
+        )
+        stream, text, calls = ToolStream(plan), "", []
+        async for out in self._llm.generate(prompt, sampling, request_id=request_id):
+            content, deltas = stream.feed(out.delta_text)
+            if out.finished:
+                rest, last = stream.finish()
+                content, deltas = (content or "") + (rest or ""), deltas + last
+            for d in deltas:
+                add_tool_call_delta(
+                    calls, d.index, d.id, d.function.name, d.function.arguments or ""
+                )
+            text += content or ""
+            reason = "tool_calls" if out.finished and stream.has_calls else out.finish_reason
+            chunk = _chunk(out)
+            yield dataclasses.replace(
+                chunk,
+                delta=content or "",
+                text=text,
+                finish_reason=reason,
+                tool_calls=tuple(dict(c) for c in calls),
+            )
 
     def abort(self, request_id: str) -> bool:
         return self._llm.abort(request_id)

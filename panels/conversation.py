@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from panels.client import ChatChunk, ChatMessage, ChatParams
+from panels.client import ChatChunk, ChatMessage, ChatParams, ToolCall
 from store import NotFoundError, Store
 
 TurnStatus = Literal["complete", "streaming", "cancelled", "error", "interrupted"]
@@ -21,11 +21,35 @@ SAVE_INTERVAL_S = 0.1  # a streaming reply is saved at most ~10 times a second
 
 @dataclass
 class Turn:
-    role: Literal["user", "assistant"]
+    """A message. An assistant turn's tool calls are in `stats["tool_calls"]`; a tool turn (the
+    result the user gave for a call) names its call in `stats["tool_call_id"]` and `["name"]`."""
+
+    role: Literal["user", "assistant", "tool"]
     content: str
     message_id: int | None = None
     status: TurnStatus = "complete"
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return list(self.stats.get("tool_calls") or [])
+
+    def message(self) -> ChatMessage:
+        """The turn as the engine takes it (OpenAI's message format)."""
+        if self.role == "tool":
+            call_id = str(self.stats.get("tool_call_id", ""))
+            return {"role": "tool", "content": self.content, "tool_call_id": call_id}
+        message: ChatMessage = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
+                for c in self.tool_calls
+            ]
+        return message
 
 
 def title_from(prompt: str) -> str:
@@ -44,6 +68,8 @@ def reply_stats(chunk: ChatChunk | None, params: ChatParams, elapsed_s: float) -
             finish_reason=chunk.finish_reason,
             request_id=chunk.request_id,
         )
+        if chunk.tool_calls:
+            stats["tool_calls"] = [dict(c) for c in chunk.tool_calls]
         if chunk.ttft_s is not None:
             stats["ttft_s"] = round(chunk.ttft_s, 4)
         if chunk.tokens_per_s is not None:
@@ -88,7 +114,7 @@ class Conversation:
         except NotFoundError:
             messages = store.messages(session_id)
         for m in messages:
-            if m.role not in ("user", "assistant"):
+            if m.role not in ("user", "assistant", "tool"):
                 continue
             status: TurnStatus = "interrupted" if m.status == "streaming" else m.status
             conv.turns.append(Turn(m.role, m.content, m.id, status, dict(m.stats)))
@@ -109,7 +135,7 @@ class Conversation:
         for turn in self.turns[:upto]:
             if turn.role == "assistant" and turn.status == "error" and not turn.content:
                 continue
-            out.append({"role": turn.role, "content": turn.content})
+            out.append(turn.message())
         return out
 
     # -- changes (each one saved at once) ------------------------------------------------------
@@ -139,6 +165,33 @@ class Conversation:
         user = Turn("user", prompt)
         user.message_id = self.store.add_message(self.session_id, "user", prompt, parent)
         self.turns.append(user)
+        return self._start_reply()
+
+    def unanswered_calls(self) -> list[ToolCall]:
+        """The last reply's tool calls that no tool turn after it answers yet."""
+        index = next(
+            (i for i in range(len(self.turns) - 1, -1, -1) if self.turns[i].role != "tool"), None
+        )
+        if index is None or self.turns[index].role != "assistant":
+            return []
+        answered = {t.stats.get("tool_call_id") for t in self.turns[index + 1 :]}
+        return [c for c in self.turns[index].tool_calls if c["id"] not in answered]
+
+    def add_tool_result(self, call: ToolCall, result: str) -> Turn:
+        """Append the result the user gave for one of the last reply's tool calls."""
+        if call not in self.unanswered_calls():
+            raise ValueError("that tool call is not the last reply's, or it is answered")
+        assert self.session_id is not None
+        turn = Turn("tool", result, stats={"tool_call_id": call["id"], "name": call["name"]})
+        turn.message_id = self.store.add_message(
+            self.session_id, "tool", result, self.turns[-1].message_id, stats=turn.stats
+        )
+        self.turns.append(turn)
+        return turn
+
+    def start_reply(self, model: str, engine_config: dict[str, Any]) -> Turn:
+        """A reply to the turns as they are (after the tool results of the last reply)."""
+        self.note_engine(model, engine_config)
         return self._start_reply()
 
     def start_regenerate(self, index: int, model: str, engine_config: dict[str, Any]) -> Turn:

@@ -49,8 +49,8 @@ What the engine and the machine are doing, sampled every half second or faster.
 - **↑ / ↓** select a request in the batch table (the selection stays on it as the table
   refreshes, and goes when it leaves the batch); **x** aborts it, after a confirmation, as
   nvitop kills a process: its reply ends there (a chat's shows "cancelled") and its KV blocks
-  are freed. Attached to a server (`--attach`), only the requests of this app's chats can be
-  aborted.
+  are freed. Attached to a server (`--attach`), any client's request can be aborted (through
+  the server's POST /v1/engine/abort).
 - **p** pauses the display to look at a moment closely, and resumes it (no samples are taken
   while paused).
 - On a short terminal (below about 34 rows) the boxes lose their bottom borders, the KV box its
@@ -193,12 +193,6 @@ class MonitorPanel(VerticalScroll):
                 return
             if client.abort(request_id):
                 self.notify(f"Aborted {request_id}: its KV blocks are freed.", timeout=3)
-            elif self.handle.remote:
-                self.notify(
-                    f"{request_id} was not aborted: it has finished, or it is not a chat of this "
-                    "app (the server aborts only the requests whose client goes away).",
-                    severity="warning",
-                )
             else:
                 self.notify(f"{request_id} was not aborted: it has finished.", severity="warning")
 

@@ -5,7 +5,8 @@ monitors any Workbench server (`workbench serve`), local or remote, through the 
 - chat: a streamed POST /v1/chat/completions (usage included), read by a task per reply;
   `abort` cancels that task, which closes the connection, and the server aborts the request
   and frees its KV blocks when it sees the client go. `abort` takes the chat's request id or
-  the server's (the Monitor shows the server's); requests of other clients cannot be aborted.
+  the server's (the Monitor shows the server's); another client's request is aborted through
+  POST /v1/engine/abort.
 - state: GET /v1/engine/state, polled by a daemon thread every `poll_interval` seconds and
   rebuilt with `EngineState.from_dict`; `state()` returns the latest one and never waits.
 - failures: `connect` raises `ServerUnavailable` with one line that says what is wrong (nothing
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from panels.client import ChatChunk, ChatMessage, ChatParams
+from panels.client import ChatChunk, ChatMessage, ChatParams, ToolCall, add_tool_call_delta
 
 if TYPE_CHECKING:
     from engine.state import EngineState
@@ -194,13 +195,21 @@ class RemoteEngineClient:
     def max_model_len(self) -> int | None:
         return self._max_model_len
 
-    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int | None:
+    def count_prompt_tokens(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> int | None:
         return None  # the tokenizer is the server's; it refuses a prompt past its context
 
     def abort(self, request_id: str) -> bool:
+        """Abort a request: one of this app's chats by closing its stream, any other (another
+        client's, as the Monitor lists it) through POST /v1/engine/abort."""
         stream = self._streams.get(self._chat_id(request_id))
         if stream is None:
-            return False
+            try:
+                response = self._http.post("/v1/engine/abort", json={"request_id": request_id})
+            except httpx.HTTPError:
+                return False
+            return response.status_code == 200
         task, queue = stream
         task.cancel()  # closes the connection: the server aborts the request
         queue.put_nowait(_ABORTED)
@@ -243,6 +252,11 @@ class RemoteEngineClient:
             body["seed"] = params.seed
         if params.ignore_eos:
             body["ignore_eos"] = True
+        tools = params.tool_list  # ValueError for bad tools, as a request the engine refuses
+        if tools is not None:
+            body["tools"] = tools
+            body["tool_choice"] = params.tool_choice
+            body["parallel_tool_calls"] = params.parallel_tool_calls
         queue: asyncio.Queue[Any] = asyncio.Queue()
         task = asyncio.create_task(self._read(body, queue))
         self._streams[request_id] = (task, queue)
@@ -342,6 +356,7 @@ class _Reply:
         self.finish_reason: str | None = None
         self.first: float | None = None
         self.last: float | None = None
+        self.tool_calls: list[ToolCall] = []
 
     @property
     def started(self) -> bool:
@@ -350,11 +365,22 @@ class _Reply:
     def add(self, event: dict[str, Any]) -> ChatChunk | None:
         if event.get("usage"):
             self.usage = event["usage"]
-        delta = ""
+        delta, called = "", False
         for choice in event.get("choices") or []:
-            delta += (choice.get("delta") or {}).get("content") or ""
+            message = choice.get("delta") or {}
+            delta += message.get("content") or ""
+            for call in message.get("tool_calls") or []:
+                function = call.get("function") or {}
+                add_tool_call_delta(
+                    self.tool_calls,
+                    int(call.get("index") or 0),
+                    call.get("id"),
+                    function.get("name"),
+                    function.get("arguments") or "",
+                )
+                called = True
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
-        if not delta:
+        if not delta and not called:
             return None
         now = time.monotonic()
         self.first = self.first or now
@@ -391,4 +417,5 @@ class _Reply:
             ttft_s=self.first - self.start if self.first is not None else None,
             tokens_per_s=rate,
             num_cached_tokens=int(details.get("cached_tokens") or 0),
+            tool_calls=tuple(dict(c) for c in self.tool_calls),
         )

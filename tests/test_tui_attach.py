@@ -245,6 +245,46 @@ def test_the_monitor_aborts_a_chat_of_this_app_on_the_server(tmp_path: Path, sto
     run(main())
 
 
+def test_the_monitor_aborts_another_clients_request_through_the_server(
+    tmp_path: Path, store, server
+) -> None:
+    """A request this app did not send (another client's stream) is aborted through POST
+    /v1/engine/abort: that client's stream ends with finish_reason abort."""
+    app = attached_app(tmp_path, store, server.url)
+    events: list[str] = []
+
+    def other_client() -> None:
+        body = {"prompt": "another client", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        with httpx.stream(
+            "POST", server.url + "/v1/completions", json=body, headers=headers, timeout=60
+        ) as response:
+            events.extend(line[6:] for line in response.iter_lines() if line.startswith("data: "))
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: app.handle.status == "ready", what="attached")
+            other = asyncio.create_task(asyncio.to_thread(other_client))
+            await pilot.press("f3")
+            monitor = app.query_one(MonitorPanel)
+
+            def running() -> bool:
+                state = monitor.last_state
+                return state is not None and len(state.running) == 1
+
+            await wait_for(pilot, running, what="the other client's request in the monitor")
+            await pilot.pause(0.3)
+            await pilot.press("down")
+            assert monitor.query_one(BatchView).selected.startswith("cmpl-")
+            await pilot.press("x", "y")
+            await asyncio.wait_for(other, timeout=30)
+            assert events[-1] == "[DONE]"
+            assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+        close_client(app)
+
+    run(main())
+
+
 def test_attach_to_nothing_or_with_a_wrong_key_is_a_status(tmp_path: Path, store, server) -> None:
     for url, key, message in (
         ("http://127.0.0.1:9", None, "cannot reach the server at http://127.0.0.1:9"),

@@ -1,7 +1,9 @@
 """The active chat's system prompt and sampling parameters, edited in place.
 
 A value takes effect from the next reply as soon as it is valid; an invalid one is marked and
-says why, and the chat keeps its last valid parameters.
+says why, and the chat keeps its last valid parameters. Tools (OpenAI's `tools` JSON list) are
+kept as typed: bad ones are marked and say why, and the chat sends nothing until they are fixed
+or cleared.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import dataclasses
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
-from textual.widgets import Checkbox, Input, Label, Static, TextArea
+from textual.widgets import Checkbox, Input, Label, Select, Static, TextArea
 
-from panels.client import ChatParams
+from panels.client import TOOL_CHOICES, ChatParams, parse_tools
 
 # field name, label, Input type, placeholder
 _FIELDS: tuple[tuple[str, str, str, str], ...] = (
@@ -27,6 +29,11 @@ _FIELDS: tuple[tuple[str, str, str, str], ...] = (
 
 class ChatSettings(VerticalScroll):
     """Sidebar of the chat panel (Ctrl+O shows or hides it)."""
+
+    DEFAULT_CSS = """
+    ChatSettings #param-tools { height: 8; }
+    ChatSettings #param-tools.-invalid { border: tall $error; }
+    """
 
     class Changed(Message):
         """Valid new settings for the active chat."""
@@ -64,6 +71,25 @@ class ChatSettings(VerticalScroll):
             "system prompt stays) so that the chat goes on",
             compact=True,
         )
+        yield Label("Tools (OpenAI JSON list)", classes="setting-label")
+        yield TextArea(self._params.tools, id="param-tools", soft_wrap=True, language="json")
+        with Horizontal(classes="setting-row"):
+            yield Label("Tool choice", classes="setting-name")
+            yield Select(
+                [(c, c) for c in TOOL_CHOICES],
+                value=self._params.tool_choice,
+                allow_blank=False,
+                id="param-tool-choice",
+                classes="setting-input",
+                compact=True,
+            )
+        yield Checkbox(
+            "Parallel tool calls",
+            self._params.parallel_tool_calls,
+            id="param-parallel-tools",
+            tooltip="A reply may call several tools at once (off: one call at most)",
+            compact=True,
+        )
         yield Static("", id="settings-error")
         yield Static(
             "[$text-muted]Applies from the next reply. Saved with the session.[/]",
@@ -73,22 +99,39 @@ class ChatSettings(VerticalScroll):
     def load(self, params: ChatParams, system_prompt: str) -> None:
         """Show another chat's settings (posts no Changed)."""
         self._params, self._system_prompt = params, system_prompt
-        with self.prevent(Input.Changed, TextArea.Changed):
+        with self.prevent(Input.Changed, TextArea.Changed, Select.Changed):
             self.query_one("#system-prompt", TextArea).text = system_prompt
+            self.query_one("#param-tools", TextArea).text = params.tools
+            self.query_one("#param-tool-choice", Select).value = params.tool_choice
             for name, *_ in _FIELDS:
                 self._input(name).value = _text(getattr(params, name))
                 self._input(name).remove_class("-invalid")
         with self.prevent(Checkbox.Changed):
             self.query_one("#param-drop-oldest", Checkbox).value = params.drop_oldest
-        self.query_one("#settings-error", Static).update("")
+            self.query_one("#param-parallel-tools", Checkbox).value = params.parallel_tool_calls
+        self.query_one("#settings-error", Static).update(self._tools_error())
+
+    def _tools_error(self) -> str:
+        """The inline error for bad tools ("" when they are good or empty), marking the field."""
+        tools = self.query_one("#param-tools", TextArea)
+        try:
+            parse_tools(tools.text)
+        except ValueError as e:
+            tools.add_class("-invalid")
+            return f"[$error]{e}. Nothing is sent until the tools are fixed or cleared.[/]"
+        tools.remove_class("-invalid")
+        return ""
 
     def _input(self, name: str) -> Input:
         return self.query_one(f"#param-{name.replace('_', '-')}", Input)
 
     def read(self) -> ChatParams:
         """The parameters the inputs hold; raises ValueError naming the bad one."""
-        values: dict[str, float | int | bool | None] = {
-            "drop_oldest": self.query_one("#param-drop-oldest", Checkbox).value
+        values: dict[str, float | int | bool | str | None] = {
+            "drop_oldest": self.query_one("#param-drop-oldest", Checkbox).value,
+            "tools": self.query_one("#param-tools", TextArea).text,
+            "tool_choice": str(self.query_one("#param-tool-choice", Select).value),
+            "parallel_tool_calls": self.query_one("#param-parallel-tools", Checkbox).value,
         }
         for name, label, kind, _ in _FIELDS:
             raw = self._input(name).value.strip()
@@ -119,7 +162,7 @@ class ChatSettings(VerticalScroll):
         except ValueError as e:
             error.update(f"[$error]{e}[/]")
             return
-        error.update("")
+        error.update(self._tools_error())
         self._params = params
         self._system_prompt = self.query_one("#system-prompt", TextArea).text
         self.post_message(self.Changed(params, self._system_prompt))
@@ -133,6 +176,10 @@ class ChatSettings(VerticalScroll):
         self._changed()
 
     def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
+        event.stop()
+        self._changed()
+
+    def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
         self._changed()
 

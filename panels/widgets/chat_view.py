@@ -7,6 +7,7 @@ stream at once, which is how the engine's batching shows in the monitor).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import sqlite3
 import time
@@ -21,11 +22,11 @@ from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker
 
-from panels.client import ChatChunk, ChatMessage, ChatParams, EngineHandle
+from panels.client import ChatChunk, ChatMessage, ChatParams, EngineHandle, ToolCall, parse_tools
 from panels.context import ContextFit, fit_messages, reply_room
 from panels.conversation import Conversation, Turn, TurnStatus, reply_stats
 from panels.format import clean_text, code_blocks
-from panels.widgets.dialogs import Pick
+from panels.widgets.dialogs import Pick, TextPrompt
 from panels.widgets.message import MessageView
 from panels.widgets.prompt import PromptArea
 from store import StoreError
@@ -164,11 +165,18 @@ class ChatView(Vertical):
         params = self.conv.params
         return fit_messages(
             messages,
-            client.count_prompt_tokens,
+            functools.partial(client.count_prompt_tokens, tools=self._tools()),
             client.max_model_len,
             params.max_tokens,
             params.drop_oldest,
         )
+
+    def _tools(self) -> list[dict[str, Any]] | None:
+        """The chat's tools, which the prompt holds too (None while they are bad: not sent)."""
+        try:
+            return parse_tools(self.conv.params.tools)
+        except ValueError:
+            return None
 
     def refresh_context(self, live: ChatChunk | None = None) -> None:
         """The meter under the prompt: tokens of the whole conversation (or of the streaming
@@ -181,7 +189,7 @@ class ChatView(Vertical):
         else:
             client = self.handle.client
             messages = self.conv.engine_messages()
-            used = client.count_prompt_tokens(messages) if client and messages else 0
+            used = client.count_prompt_tokens(messages, self._tools()) if client and messages else 0
             context = client.max_model_len if client else None
             if used is None:  # an attached engine: what the last reply used, as it reported
                 last = next((t for t in reversed(self.conv.turns) if t.role == "assistant"), None)
@@ -216,6 +224,11 @@ class ChatView(Vertical):
             return False
         if self.streaming:
             self.notify("This chat is still replying: Esc cancels it, Ctrl+N opens another chat.")
+            return False
+        try:
+            parse_tools(self.conv.params.tools)
+        except ValueError as e:
+            self.notify(f"Not sent: {e} (chat settings, Ctrl+O).", severity="error", timeout=8)
             return False
         upto = self.editing if self.editing is not None else len(self.conv.turns)
         fit = self._fit([*self.conv.engine_messages(upto), {"role": "user", "content": text}])
@@ -333,8 +346,73 @@ class ChatView(Vertical):
             "copy_code": self.copy_code,
             "edit": self.edit,
             "regenerate": self.regenerate,
+            "answer_tool": self.answer_tool,
         }
         actions[event.action](index)
+
+    # -- tool results --------------------------------------------------------------------------
+
+    def answer_tool(self, index: int | None = None) -> None:
+        """Ask for the result of one of the last reply's tool calls (a pick first when several
+        wait); once every call has its result, the model replies."""
+        if self.streaming:
+            self.notify("Wait for the reply to finish, or cancel it with Esc.")
+            return
+        calls = self.conv.unanswered_calls()
+        last = max(
+            (i for i, t in enumerate(self.conv.turns) if t.role == "assistant"), default=None
+        )
+        if index is not None and index != last:
+            self.notify("Only the last reply's tool calls can be answered.", severity="warning")
+            return
+        if not calls:
+            self.notify("No tool call waits for a result.", severity="warning")
+            return
+        if len(calls) == 1:
+            self._ask_tool_result(calls[0])
+            return
+        items = [f"{c['name']} {c['arguments'][:50]}" for c in calls]
+
+        def picked(choice: object) -> None:
+            if isinstance(choice, int):
+                self._ask_tool_result(calls[choice])
+
+        self.app.push_screen(Pick("Give the result of which call?", items), picked)
+
+    def _ask_tool_result(self, call: ToolCall) -> None:
+        def given(result: object) -> None:
+            if isinstance(result, str):
+                self.give_tool_result(call, result)
+
+        self.app.push_screen(TextPrompt(f"Result of {call['name']}", ""), given)
+
+    def give_tool_result(self, call: ToolCall, result: str) -> bool:
+        """Add `result` as the `tool` message answering `call`; the model replies once no call
+        of its last reply waits. False if it was not added."""
+        try:
+            turn = self.conv.add_tool_result(call, result)
+        except ValueError as e:
+            self.notify(str(e), severity="warning")
+            return False
+        except (StoreError, sqlite3.Error) as e:
+            self.notify(f"Not sent: the session store failed ({e}).", severity="error")
+            return False
+        self._append_view(turn)
+        if self.conv.unanswered_calls():
+            self.notify("Saved. Give the other calls' results (t) for the model to reply.")
+            self._changed()
+            return True
+        fit = self._fit(self.conv.engine_messages())
+        if not fit.fits:
+            self.notify(fit.refusal(self.conv.params.drop_oldest), severity="error", timeout=10)
+            return True
+        try:
+            reply = self.conv.start_reply(*self._engine_info())
+        except (StoreError, sqlite3.Error) as e:
+            self.notify(f"Not sent: the session store failed ({e}).", severity="error")
+            return True
+        self._start_reply(reply, fit)
+        return True
 
     # -- streaming -----------------------------------------------------------------------------
 
@@ -381,6 +459,8 @@ class ChatView(Vertical):
                 if chunk.finished or (self.display and now - flushed_at >= RENDER_INTERVAL_S):
                     await stream.write(clean_text(text[shown:]))
                     shown, flushed_at = len(text), now
+                    if chunk.tool_calls:
+                        view.show_tool_calls(chunk.tool_calls)
                 if chunk.finished:
                     break
                 if view.show_live(chunk):

@@ -1,11 +1,13 @@
 """One chat message: who, the text as Markdown (streamed into while a reply arrives), its stats.
 
 Focus a message (Tab / Shift+Tab, or click) to copy it or one of its code blocks, to edit and
-resend a prompt, or to regenerate a reply.
+resend a prompt, to regenerate a reply, or to give the result of one of its tool calls (t): each
+call shows as its own block, its name and its arguments (pretty-printed once they are whole).
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 from markdown_it import MarkdownIt
@@ -18,7 +20,7 @@ from textual.markup import escape
 from textual.message import Message
 from textual.widgets import Markdown, Static
 
-from panels.client import ChatChunk
+from panels.client import ChatChunk, ToolCall
 from panels.conversation import Turn
 from panels.format import clean_text, seconds, stats_line
 from panels.widgets import shown
@@ -50,15 +52,25 @@ def _hard_breaks(state: StateCore) -> None:
 class MessageView(Vertical, can_focus=True):
     """A turn of the conversation. Posts `MessageView.Requested` for the chat to act on."""
 
+    DEFAULT_CSS = """
+    MessageView .msg-tool-call {
+        height: auto;
+        border: round $accent 60%;
+        padding: 0 1;
+    }
+    """
+
     BINDINGS = [
         Binding("c", "request('copy')", "Copy", id="message.copy"),
         Binding("k", "request('copy_code')", "Copy code", id="message.copy_code"),
         Binding("e", "request('edit')", "Edit & resend", id="message.edit"),
         Binding("r", "request('regenerate')", "Regenerate", id="message.regenerate"),
+        Binding("t", "request('answer_tool')", "Tool result", id="message.answer_tool"),
     ]
 
     class Requested(Message):
-        """The user asked for `action` (copy, copy_code, edit, regenerate) on a message."""
+        """The user asked for `action` (copy, copy_code, edit, regenerate, answer_tool) on a
+        message."""
 
         def __init__(self, view: MessageView, action: str) -> None:
             super().__init__()
@@ -76,15 +88,31 @@ class MessageView(Vertical, can_focus=True):
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="msg-header", markup=True)
         yield Markdown(clean_text(self.turn.content), classes="msg-body", parser_factory=_parser)
+        for call in self.turn.tool_calls:
+            yield Static(tool_call_block(call), classes="msg-tool-call", markup=False)
         yield Static(self._stats(), classes="msg-stats", markup=True)
+
+    def show_tool_calls(self, calls: tuple[ToolCall, ...] | list[ToolCall]) -> None:
+        """The reply's tool calls so far, one block each (the last one may still grow)."""
+        blocks = list(self.query(".msg-tool-call").results(Static))
+        for call, block in zip(calls, blocks, strict=False):
+            block.update(tool_call_block(call))
+        new = [
+            Static(tool_call_block(c), classes="msg-tool-call", markup=False)
+            for c in calls[len(blocks) :]
+        ]
+        if new:
+            self.mount_all(new, before=self.query_one(".msg-stats"))
 
     @property
     def body(self) -> Markdown:
         return self.query_one(".msg-body", Markdown)
 
     def _header(self) -> str:
-        who = "You" if self.turn.role == "user" else "Assistant"
+        who = {"user": "You", "assistant": "Assistant", "tool": "Tool result"}[self.turn.role]
         parts = [f"[b]{who}[/b]"]
+        if self.turn.role == "tool":
+            parts.append(f"[$text-muted]for {escape(str(self.turn.stats.get('name', '')))}[/]")
         if self.turn.status in _STATUS_NOTE:
             parts.append(_STATUS_NOTE[self.turn.status])
         return "  ".join(parts)
@@ -138,7 +166,19 @@ class MessageView(Vertical, can_focus=True):
             return self.turn.role == "user"
         if what == "regenerate":
             return self.turn.role == "assistant" and self.turn.status != "streaming"
+        if what == "answer_tool":
+            return bool(self.turn.tool_calls) and self.turn.status != "streaming"
         return True
 
     def action_request(self, action: str) -> None:
         self.post_message(self.Requested(self, action))
+
+
+def tool_call_block(call: ToolCall) -> str:
+    """A tool call as its block shows it: the function's name, then its arguments, indented
+    JSON once they parse (as they stream: the text so far)."""
+    try:
+        arguments = json.dumps(json.loads(call["arguments"]), indent=2, ensure_ascii=False)
+    except json.JSONDecodeError:
+        arguments = call["arguments"]
+    return f"⚙ {call['name']}(…)\n{arguments}" if arguments else f"⚙ {call['name']}(…)"
