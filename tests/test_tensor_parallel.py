@@ -189,11 +189,33 @@ def test_refusals_are_clear_errors():
     assert spawned_workers() == before
 
 
-def test_moe_is_refused(checkpoint_root):
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [
+        *((family, {}) for family in MOE_FAMILIES),
+        ("qwen3_moe", {"load_format": "dummy", "quantization": "fp8"}),
+    ],
+    ids=[*MOE_FAMILIES, "qwen3_moe-fp8"],
+)
+def test_moe_models_split_their_experts(checkpoint_root, family, extra):
+    """Mixtral, Qwen2-MoE (a shared expert and dense layers) and Qwen3-MoE, and fp8 experts:
+    every expert split by its intermediate size, the router replicated, the block's output
+    all-reduced -> the one-process greedy tokens, and the expert load still reported."""
+    path = str(cached_tiny_checkpoint(checkpoint_root, family))
+    kwargs = {**SMALL, **extra}
+    prompts = random_prompts([7, 13], seed=4)
+    want = tokens(LLM(path, **kwargs), prompts)
+    with LLM(path, tensor_parallel_size=2, **kwargs) as llm:
+        assert tokens(llm, prompts) == want
+        load = llm.state().expert_load
+        assert load is not None and sum(map(sum, load.total)) > 0
+
+
+def test_moe_experts_that_do_not_split_are_refused(checkpoint_root):
     before = spawned_workers()
-    path = cached_tiny_checkpoint(checkpoint_root, MOE_FAMILIES[0])
-    with pytest.raises(ShardError, match="does not serve MoE models yet"):
-        LLM(str(path), tensor_parallel_size=2)
+    path = cached_tiny_checkpoint(checkpoint_root, "qwen2_moe")  # moe_intermediate_size 32
+    with pytest.raises(ShardError, match="moe_intermediate_size 32"):
+        LLM(str(path), tensor_parallel_size=3)
     assert spawned_workers() == before
 
 

@@ -12,6 +12,9 @@ them; with fewer, each KV head is replicated on world_size / num_kv_heads ranks,
 heads a rank keeps all read that one head (vLLM's rule). RMSNorm weights, the rotary tables and
 per-head q/k norms are replicated.
 
+MoE layers: every routed expert's gate_up and down (and the shared expert's) are split like a
+dense MLP's, the router replicated, and one all-reduce sums the block's output.
+
 Quantized projections (fp8, int8 SmoothQuant) are split the same way: per-output-row weight
 scales follow their rows, per-tensor input scales are replicated (every rank quantizes its
 input with the same scale), a SmoothQuant pre_quant_scale follows the input columns of a
@@ -45,14 +48,6 @@ class ShardError(ValueError):
 
 def check_shardable(model: nn.Module, world_size: int) -> None:
     """Raise ShardError unless `model` splits evenly over `world_size` ranks."""
-    from engine.model.moe_model import MoeForCausalLM
-
-    if isinstance(model, MoeForCausalLM):
-        raise ShardError(
-            "tensor_parallel_size > 1 does not serve MoE models yet (the experts are not "
-            "sharded); use tensor_parallel_size 1"
-        )
-    cfg = model.config
     attn = model.model.layers[0].self_attn
     heads, kv_heads = attn.num_heads, attn.num_kv_heads
     problems = []
@@ -60,8 +55,9 @@ def check_shardable(model: nn.Module, world_size: int) -> None:
         problems.append(f"num_attention_heads {heads}")
     if kv_heads % world_size and world_size % kv_heads:
         problems.append(f"num_key_value_heads {kv_heads} (nor does it divide {world_size})")
-    if cfg.intermediate_size % world_size:
-        problems.append(f"intermediate_size {cfg.intermediate_size}")
+    for name, size in sorted(_intermediate_sizes(model).items()):
+        if size % world_size:
+            problems.append(f"{name} {size}")
     if problems:
         raise ShardError(
             f"tensor_parallel_size {world_size} does not divide " + ", ".join(problems)
@@ -76,9 +72,27 @@ def check_shardable(model: nn.Module, world_size: int) -> None:
             )
 
 
+def _intermediate_sizes(model: nn.Module) -> dict[str, int]:
+    """The MLP widths the ranks split, by the config names that set them."""
+    from engine.model.moe_model import SparseMoeBlock
+
+    sizes = {}
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        if isinstance(mlp, SparseMoeBlock):
+            sizes["moe_intermediate_size"] = mlp.experts.expert_size
+            if mlp.shared_expert is not None:
+                sizes["shared_expert_intermediate_size"] = mlp.shared_expert.intermediate_size
+        else:
+            sizes["intermediate_size"] = mlp.intermediate_size
+    return sizes
+
+
 @torch.no_grad()
 def shard_model(model: LlamaForCausalLM, group: TPGroup) -> None:
     """Cut `model` down to rank `group.rank`'s shard (see the module doc), in place."""
+    from engine.model.moe_model import SparseMoeBlock
+
     rank, world = group.rank, group.world_size
     check_shardable(model, world)
     for layer in model.model.layers:
@@ -91,13 +105,47 @@ def shard_model(model: LlamaForCausalLM, group: TPGroup) -> None:
         attn.q_size = attn.num_heads * attn.head_dim
         attn.kv_size = num_kv * attn.head_dim
         attn.o_proj = RowParallel(keep_columns(attn.o_proj, rank, world), group)
-        size = mlp.intermediate_size // world
-        mine = range(rank * size, (rank + 1) * size)
-        keep_rows(mlp.gate_up_proj, [0, mlp.intermediate_size], [mine, mine])
-        mlp.intermediate_size = size
-        mlp.down_proj = RowParallel(keep_columns(mlp.down_proj, rank, world), group)
+        if isinstance(mlp, SparseMoeBlock):
+            _shard_moe_block(mlp, group)
+        else:
+            _shard_mlp(mlp, rank, world)
+            mlp.down_proj = RowParallel(mlp.down_proj, group)
     model.num_kv_heads = model.model.layers[0].self_attn.num_kv_heads
     _shard_vocabulary(model, group)
+
+
+def _shard_mlp(mlp: nn.Module, rank: int, world: int) -> None:
+    """Rank's slice of a gated MLP's intermediate size: gate_up by rows, down by columns (its
+    output a partial sum, for the caller to all-reduce)."""
+    size = mlp.intermediate_size // world
+    mine = range(rank * size, (rank + 1) * size)
+    keep_rows(mlp.gate_up_proj, [0, mlp.intermediate_size], [mine, mine])
+    mlp.intermediate_size = size
+    keep_columns(mlp.down_proj, rank, world)
+
+
+def _shard_moe_block(block: nn.Module, group: TPGroup) -> None:
+    """Every routed expert (and the shared one) keeps rank's slice of its intermediate size, as
+    a dense MLP does; the router and the shared expert's gate are replicated, so every rank
+    routes alike, and the block's partial output is summed by one all-reduce (vLLM's
+    reduce_results). fp8 experts: per-row weight scales follow gate_up's rows, down's per-row
+    scales and the input scales are replicated."""
+    rank, world = group.rank, group.world_size
+    experts = block.experts
+    size = experts.expert_size // world
+    mine = torch.arange(rank * size, (rank + 1) * size, device=experts.gate_up.device)
+    rows = torch.cat([mine, experts.expert_size + mine])  # of [gate; up]
+    experts.gate_up = _param(experts.gate_up, experts.gate_up.index_select(1, rows).contiguous())
+    if hasattr(experts, "gate_up_scale"):  # Fp8Experts: [num_experts, 2 * inter]
+        experts.gate_up_scale = _param(
+            experts.gate_up_scale, experts.gate_up_scale.index_select(1, rows).contiguous()
+        )
+    cols = slice(rank * size, (rank + 1) * size)
+    experts.down = _param(experts.down, experts.down[:, :, cols].contiguous())
+    experts.expert_size = size
+    if block.shared_expert is not None:
+        _shard_mlp(block.shared_expert, rank, world)
+    block.reduce = group.all_reduce
 
 
 def _attention_rows(attn: nn.Module, rank: int, world: int) -> tuple[range, range, int]:

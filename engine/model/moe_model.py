@@ -18,7 +18,7 @@ capture (in `total`, and in the first snapshot's `recent`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +117,10 @@ class SparseMoeBlock(nn.Module):
         self.register_buffer(
             "routed_tokens", torch.zeros(spec.num_experts, dtype=torch.int64), persistent=False
         )
+        # Under tensor parallelism each rank holds a slice of every expert's intermediate size
+        # (and of the shared expert's), so its output is a partial sum: the sum over the ranks
+        # (one all-reduce, set by engine/distributed/shard.py). None: one process.
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
         routing = route(self.gate(hidden), self.spec)
@@ -126,7 +130,7 @@ class SparseMoeBlock(nn.Module):
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)
             out = out + F.sigmoid(self.shared_expert_gate(hidden)) * shared
-        return out
+        return out if self.reduce is None else self.reduce(out)
 
 
 class MoeForCausalLM(LlamaForCausalLM):
