@@ -231,6 +231,23 @@ def test_at_80x24_the_block_map_and_the_batch_table_are_on_screen_together(
     run(main())
 
 
+def test_a_dialog_footer_shows_its_own_keys(tmp_path: Path, store, engine_client) -> None:
+    """The abort confirmation (as every dialog) shows its keys, not the Monitor's under it."""
+    app = app_for(tmp_path, store, engine_client)
+
+    async def main() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("f3")
+            app.push_screen(Confirm("Abort request r?", yes="Abort"))
+            await pilot.pause()
+            shown = [key.description for key in app.screen.query(FooterKey)]
+            assert sorted(shown) == ["Cancel", "Yes"]
+            bottom = screen_lines(app)[-1]
+            assert "Cancel" in bottom and "Abort request" not in bottom and "Pause" not in bottom
+
+    run(main())
+
+
 def test_the_help_screen_footer_shows_its_own_keys(tmp_path: Path, store, engine_client) -> None:
     app = app_for(tmp_path, store, engine_client)
 

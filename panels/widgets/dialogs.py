@@ -1,4 +1,6 @@
-"""Small modal dialogs: ask for a line of text, confirm, pick one of several items."""
+"""Small modal dialogs: ask for a line of text, confirm, pick one of several items. Each has its
+own footer with its own keys: the app's footer, under it, would show the panel's, which do
+nothing while the dialog is up."""
 
 from __future__ import annotations
 
@@ -6,13 +8,22 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, OptionList
+from textual.widgets import Button, Footer, Input, Label, OptionList
 from textual.widgets.option_list import Option
 
 
 class _Dialog(ModalScreen[object]):
     BINDINGS = [Binding("escape", "dismiss_none", "Cancel", id="dialog.cancel")]
     DEFAULT_CLASSES = "dialog"
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box"):
+            yield from self.body()
+        yield Footer(compact=True)
+
+    def body(self) -> ComposeResult:
+        """The dialog's widgets, inside its box."""
+        raise NotImplementedError
 
     def action_dismiss_none(self) -> None:
         self.dismiss(None)
@@ -25,11 +36,10 @@ class TextPrompt(_Dialog):
         super().__init__()
         self._title, self._value = title, value
 
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog-box"):
-            yield Label(self._title, classes="dialog-title")
-            yield Input(self._value, id="dialog-input")
-            yield Label("[$text-muted]Enter to save · Esc to cancel[/]", classes="dialog-hint")
+    def body(self) -> ComposeResult:
+        yield Label(self._title, classes="dialog-title")
+        yield Input(self._value, id="dialog-input")
+        yield Label("[$text-muted]Enter to save · Esc to cancel[/]", classes="dialog-hint")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
@@ -46,12 +56,11 @@ class Confirm(_Dialog):
         super().__init__()
         self._question, self._yes = question, yes
 
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog-box"):
-            yield Label(self._question, classes="dialog-title")
-            with Horizontal(classes="dialog-buttons"):
-                yield Button(f"{self._yes} (y)", variant="error", id="dialog-yes")
-                yield Button("Cancel (Esc)", id="dialog-no")
+    def body(self) -> ComposeResult:
+        yield Label(self._question, classes="dialog-title")
+        with Horizontal(classes="dialog-buttons"):
+            yield Button(f"{self._yes} (y)", variant="error", id="dialog-yes")
+            yield Button("Cancel (Esc)", id="dialog-no")
 
     def on_mount(self) -> None:
         self.query_one("#dialog-no", Button).focus()
@@ -71,11 +80,10 @@ class Pick(_Dialog):
         super().__init__()
         self._title, self._items = title, items
 
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog-box"):
-            yield Label(self._title, classes="dialog-title")
-            yield OptionList(*(Option(item, id=str(i)) for i, item in enumerate(self._items)))
-            yield Label("[$text-muted]Enter to pick · Esc to cancel[/]", classes="dialog-hint")
+    def body(self) -> ComposeResult:
+        yield Label(self._title, classes="dialog-title")
+        yield OptionList(*(Option(item, id=str(i)) for i, item in enumerate(self._items)))
+        yield Label("[$text-muted]Enter to pick · Esc to cancel[/]", classes="dialog-hint")
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
