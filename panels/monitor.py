@@ -40,7 +40,9 @@ What the engine and the machine are doing, sampled every half second or faster.
   request that owns it. `▓` marks blocks shared by several requests (a prefix-cache hit), `▒` free
   blocks that still hold a cached prefix, `·` free blocks. Send from two chats at once to watch
   pages being allocated, shared and freed. With KV tiers (`--kv-host-bytes`, `--kv-disk-dir`) a
-  line per tier: blocks used / capacity, blocks restored from it, bytes moved per second.
+  line per tier: blocks used / capacity, blocks restored from it, bytes moved per second. With
+  tensor parallelism a line per rank: its device and pid, its shard of the weights, its share of
+  the KV pages and its device memory.
 - **Batch**: running, waiting and preempted requests (prompt length, generated tokens, blocks
   held, tokens/s), the composition of the last steps (prefill-chunk tokens vs decode tokens) and
   the prompt and generation throughput.

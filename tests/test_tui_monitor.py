@@ -267,3 +267,34 @@ def test_the_help_screen_footer_shows_its_own_keys(tmp_path: Path, store, engine
                 assert not isinstance(app.screen, HelpScreen)
 
     run(main())
+
+
+def test_the_kv_view_lists_every_tensor_parallel_rank() -> None:
+    """A real two-rank engine (gloo, CPU): the KV box names each rank's device, pid, shard of
+    the weights, share of the KV pages and memory."""
+    from textual.app import App
+    from textual.widgets import Static
+
+    from engine import LLM
+    from panels.widgets.block_map import OwnerColors
+    from panels.widgets.kv_view import KvView
+
+    with LLM("tiny", dtype="float32", tensor_parallel_size=2, num_kv_blocks=16) as llm:
+        state = llm.state()
+    assert [r.rank for r in state.ranks] == [0, 1]
+
+    class KvApp(App):
+        def compose(self):
+            yield KvView(OwnerColors())
+
+    async def main() -> None:
+        app = KvApp()
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.query_one(KvView).show(state, 0.1)
+            await pilot.pause()
+            text = str(app.query_one(".kv-summary", Static).render())
+            assert "tensor parallel ×2" in text
+            for r in state.ranks:
+                assert f"rank {r.rank} {r.device} pid {r.pid}" in text
+
+    run(main())

@@ -26,6 +26,7 @@ from panels.widgets.block_map import (
 from panels.widgets.history import History
 from panels.widgets.kv_tiers import tier_lines
 from panels.widgets.plots import HistoryPlot
+from panels.widgets.rank_lines import rank_lines
 
 if TYPE_CHECKING:
     from engine.state import EngineState
@@ -67,6 +68,7 @@ class KvView(Vertical):
         summary.append(f"\nusage {100 * state.kv_usage:.1f}%")
         summary.append(f" · prefix-cache hits {100 * state.prefix_cache_hit_rate:.1f}%")
         summary.append_text(tier_lines(state.kv_tiers))
+        summary.append_text(rank_lines(state.ranks))
         self._statics.update(self.query_one(".kv-summary", Static), summary)
         self.query_one(HistoryPlot).show(
             {"usage": self.usage.values, "prefix hits": self.hit_rate.values}, interval
